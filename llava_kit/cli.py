@@ -1,25 +1,199 @@
 """The `llava-kit` command: one entry point, subcommand -> function.
 
 Heavy libraries (torch, transformers) are imported inside the functions that need them, so
-`llava-kit --help` and `llava-kit caption ...` start fast.
+`llava-kit --help` and `llava-kit caption ...` start fast. Logs and progress go to stderr;
+results to stdout or files. User errors print one clear message (no traceback) and exit 2; set
+LLAVA_KIT_DEBUG=1 to see the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 
-def _add_caption(sub: argparse._SubParsersAction) -> None:
-    from data_gen.cli import add_caption_arguments
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    parser = sub.add_parser(
-        "caption",
-        help="turn an image folder into LLaVA training data through an OpenAI-compatible vision API",
-        description="Caption every image under IMAGE_DIR with a vision chat API into LLaVA JSONL; resumable.",
-    )
-    add_caption_arguments(parser)
-    parser.set_defaults(handler=_run_caption)
+
+# ---------------------------------------------------------------------------------------------- handlers
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from llava_kit.config import load_config
+    from llava_kit.train.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    print(run_dir)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from llava_kit.export.merge import merge_run
+
+    print(merge_run(args.run_dir, args.output))
+    return 0
+
+
+def _chat_session(args: argparse.Namespace):
+    from llava_kit.export.merge import load_for_inference
+    from llava_kit.serve.chat import ChatSession, GenerationSettings
+
+    model, tokenizer, settings = load_for_inference(args.model)
+    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p)
+    return ChatSession(model, tokenizer, settings, generation)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llava_kit.serve.chat import answer_once, run_repl
+
+    session = _chat_session(args)
+    if args.prompt is not None:
+        print(answer_once(session, args.image, args.prompt))
+        return 0
+    run_repl(session, args.image)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llava_kit.eval import evaluate, format_report, read_eval_records
+    from llava_kit.export.merge import load_for_inference
+
+    records = read_eval_records(args.data)
+    if args.limit:
+        records = records[: args.limit]
+    model, tokenizer, settings = load_for_inference(args.model)
+    accuracy = evaluate(model, tokenizer, settings, records, args.image_root, args.max_new_tokens, args.predictions)
+    print(format_report(accuracy))
+    return 0
+
+
+def cmd_init_tiny(args: argparse.Namespace) -> int:
+    from llava_kit.model.tiny import init_tiny
+
+    paths = init_tiny(args.out_dir, seed=args.seed)
+    print(f"vision: {paths['vision']}\nllm: {paths['llm']}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from llava_kit.data.check import TokenCheck, check_records
+
+    tokens = None
+    if args.config:
+        from llava_kit.config import load_config
+        from llava_kit.model.build import build_llava
+
+        cfg = load_config(args.config, ["output_dir=unused"])
+        model, tokenizer = build_llava(cfg.model)
+        tokens = TokenCheck(tokenizer, cfg.data.template, model.image_token_id, model.tokens_per_image,
+                            cfg.data.max_seq_len)
+    valid, bad = check_records(args.data, args.image_root, tokens)
+    for record in bad:
+        print(f"{record.source}\t{record.id or '-'}\t{record.reason}")
+    print(f"valid: {valid} invalid: {len(bad)}")
+    return 0 if not bad else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from llava_kit.demo import run_demo
+
+    return run_demo(args.workdir, quick=args.quick)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when temperature > 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every subcommand (cheap: no torch import)."""
+    parser = argparse.ArgumentParser(
+        prog="llava-kit",
+        description="Build LLaVA-style vision-language models: caption data, pretrain a projector, "
+                    "LoRA SFT, merge, chat. Logs go to stderr, results to stdout.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="offline end-to-end run on synthetic shapes (pretrain -> sft -> merge -> eval)",
+                       description="Generate the synthetic shapes data, build tiny models, train, merge and score "
+                                   "held-out questions. Ends with `accuracy: X.XX`; leaves WORKDIR/merged for chat.")
+    p.add_argument("--workdir", default="demo_workdir", help="where data, runs and the merged model go "
+                                                             "(default ./demo_workdir)")
+    p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline (accuracy is low)")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("init-tiny", help="write tiny random models: OUT_DIR/vision and OUT_DIR/llm",
+                       description="Write a tiny random CLIP vision model (+ image processor) and a tiny random "
+                                   "Llama (+ locally trained BPE tokenizer with a chat template), saved like real "
+                                   "checkpoints.")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    p.set_defaults(handler=cmd_init_tiny)
+
+    p = sub.add_parser("train", help="train any stage from a YAML config",
+                       description="Train a stage (pretrain, sft) from CONFIG.yaml; `key=value` arguments override "
+                                   "config keys (e.g. output_dir=runs/x train.max_steps=100 model.lora.r=16).")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys, dotted for nesting")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("merge", help="fold projector and LoRA into one standalone model directory",
+                       description="Load RUN_DIR (base models from its config + trained weights), merge LoRA into "
+                                   "the LLM and write a directory that needs no base model paths.")
+    p.add_argument("run_dir", help="a run directory written by `llava-kit train`")
+    p.add_argument("-o", "--output", required=True, help="output directory of the merged model")
+    p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser("chat", help="chat about an image (interactive, or one-shot with --prompt)",
+                       description="Interactive multi-turn chat with streamed answers (commands: /image PATH, "
+                                   "/reset, /help, /exit). With --prompt: print only the answer on stdout and exit.")
+    p.add_argument("--model", required=True, help="a merged model directory or a run directory")
+    p.add_argument("--image", help="image file to talk about")
+    p.add_argument("--prompt", help="one-shot question: print only the answer and exit")
+    _add_generation_options(p)
+    p.set_defaults(handler=cmd_chat)
+
+    p = sub.add_parser("eval", help="score held-out questions through the chat code path",
+                       description="Answer each question of an eval JSONL (shapes-task fields or `answer`) and "
+                                   "print accuracy per kind, ending with `accuracy: X.XX`.")
+    p.add_argument("--model", required=True, help="a merged model directory or a run directory")
+    p.add_argument("--data", required=True, help="eval JSONL: {image, question, answer | kind+shape+color}")
+    p.add_argument("--image-root", required=True, help="directory the `image` paths are relative to")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N questions (0 = all)")
+    p.add_argument("--predictions", help="write every question with its prediction to this JSONL")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("data", help="data tools (`llava-kit data check`)")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    c = data_sub.add_parser("check", help="list bad records with reasons; ends with `valid: N invalid: M`",
+                            description="Pre-flight check of LLaVA JSON/JSONL: broken lines, roles, empty answers, "
+                                        "<image> counts, missing/unreadable/escaping images; with --config also "
+                                        "over-long samples and fully masked labels. Exit code 1 when any is bad.")
+    c.add_argument("data", nargs="+", help="LLaVA JSON or JSONL file(s)")
+    c.add_argument("--image-root", required=True, help="directory the `image` paths are relative to")
+    c.add_argument("--config", help="a training config: also check lengths and labels with its tokenizer/template")
+    c.set_defaults(handler=cmd_data_check)
+
+    from data_gen.cli import add_caption_arguments  # torch-free
+
+    p = sub.add_parser("caption", help="turn an image folder into LLaVA training data through a vision API",
+                       description="Caption every image under IMAGE_DIR with an OpenAI-compatible vision chat API "
+                                   "into LLaVA JSONL; resumable, rate-limited, validated.")
+    add_caption_arguments(p)
+    p.set_defaults(handler=_run_caption)
+    return parser
 
 
 def _run_caption(args: argparse.Namespace) -> int:
@@ -28,15 +202,7 @@ def _run_caption(args: argparse.Namespace) -> int:
     return run_caption(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser of every subcommand (cheap: no torch import)."""
-    parser = argparse.ArgumentParser(
-        prog="llava-kit",
-        description="Build LLaVA-style vision-language models: data, pretrain, SFT, merge, chat.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_caption(sub)
-    return parser
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args.handler(args) or 0)
+    if args.command != "caption":
+        setup_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except USER_ERRORS as err:
+        if os.environ.get("LLAVA_KIT_DEBUG"):
+            raise
+        print(f"llava-kit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

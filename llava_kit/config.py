@@ -1,0 +1,373 @@
+"""Run configuration: YAML -> typed dataclasses, `key=value` overrides, validation up front.
+
+    cfg = load_config("configs/tiny/pretrain.yaml", ["output_dir=runs/x", "train.max_steps=20"])
+
+Every problem is collected and raised together in one `ConfigError`; an unknown key names the
+nearest valid one. The resolved config is saved into every run directory (`config.yaml`), so merge
+and chat need nothing but the directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+STAGES = ("pretrain", "sft")
+MULTIMODAL_STAGES = ("pretrain", "sft")
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; the message lists all of them."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+@dataclass
+class VisionConfig:
+    name_or_path: str = ""
+    """Hub id or local directory of a CLIP/SigLIP model, an open_clip model name, or `tiny:vision`."""
+    backend: Literal["auto", "transformers", "open_clip"] = "auto"
+    """Which library loads the tower; `auto` picks open_clip for directories saved by its backend."""
+    pretrained: str | None = None
+    """open_clip only: a pretrained tag or a checkpoint file."""
+    feature_layer: int = -2
+    """Hidden state to take features from: -1 is the last block, -2 the penultimate (LLaVA-1.5)."""
+    select_strategy: Literal["patch", "full"] = "patch"
+    """`patch` drops the CLS token where the tower has one; `full` keeps every token."""
+
+
+@dataclass
+class LLMConfig:
+    name_or_path: str = ""
+    """Hub id or local directory of any causal LM transformers can load, or `tiny:llm`."""
+    tokenizer: str | None = None
+    """Tokenizer location when it differs from `name_or_path`."""
+
+
+@dataclass
+class ProjectorConfig:
+    name: str = "mlp2x_gelu"
+    """Registry name (`llava-kit projectors` lists them): linear, mlp2x_gelu, ..."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor options of the chosen projector."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64
+    """LoRA rank."""
+    alpha: int = 128
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """`all-linear` or a list of module names (e.g. [q_proj, v_proj])."""
+
+
+@dataclass
+class TrainableConfig:
+    vision: Literal["frozen", "full"] | None = None
+    """Vision tower: frozen (default) or full."""
+    projector: Literal["frozen", "full"] | None = None
+    """Projector: full (default) or frozen."""
+    llm: Literal["frozen", "lora", "full"] | None = None
+    """LLM: frozen for pretrain, lora for sft by default; full fine-tunes every weight."""
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    init_from: str | None = None
+    """A previous run directory (e.g. a pretrain run) whose projector starts this run."""
+
+
+@dataclass
+class DataConfig:
+    path: str | list[str] = ""
+    """LLaVA JSON/JSONL file(s)."""
+    image_root: str = ""
+    """Directory the `image` paths are relative to."""
+    template: str = "plain"
+    """`plain` (pretraining), `vicuna_v1`, `chatml`, or `tokenizer` (the tokenizer's own chat template)."""
+    system_prompt: str | None = None
+    """System prompt for chat templates; None uses the template's default."""
+    image_aspect: Literal["pad", "resize"] = "pad"
+    """`pad` pads to a square with the tower's mean colour (LLaVA-1.5); `resize` stretches."""
+    max_seq_len: int = 2048
+    """Longest sequence in tokens, image tokens included; text is truncated, image tokens never."""
+    bad_records: Literal["skip", "error"] = "skip"
+    """`skip` drops and reports bad records; `error` stops at the first one."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    """Samples per device per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    num_epochs: float = 1.0
+    """Passes over the data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps; -1 means use num_epochs."""
+    learning_rate: float = 1e-3
+    """Peak learning rate of the trained weights other than the projector."""
+    projector_learning_rate: float | None = None
+    """Peak learning rate of the projector; None uses learning_rate."""
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    """Any transformers scheduler name: cosine, linear, constant, constant_with_warmup, ..."""
+    lr_warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming up."""
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 500
+    """Checkpoint every N optimizer steps (for resume)."""
+    save_total_limit: int | None = 2
+    """Keep at most this many checkpoints."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 on a GPU that supports it, else fp32."""
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None
+    """Path of a DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json)."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint-N directory, or `latest` for the newest in output_dir."""
+    report_to: str = "tensorboard"
+    """Where the Trainer logs: tensorboard, none, wandb, ..."""
+    use_cpu: bool = False
+    """Train on the CPU even when a GPU is present."""
+
+
+@dataclass
+class RunConfig:
+    stage: Literal["pretrain", "sft"] = "pretrain"
+    """pretrain (projector only) or sft (projector + LoRA on the LLM)."""
+    output_dir: str = ""
+    """The run directory: resolved config, trained weights, metrics, loss plot, checkpoints."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolve_defaults(self) -> None:
+        """Fill the stage-dependent trainability defaults (pretrain: projector only; sft: + LoRA)."""
+        t = self.model.trainable
+        t.vision = t.vision or "frozen"
+        t.projector = t.projector or "full"
+        t.llm = t.llm or ("frozen" if self.stage == "pretrain" else "lora")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checks
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _check_value(value: Any, tp: Any) -> bool:
+    """True when `value` (as parsed from YAML) fits the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_value(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_check_value(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _from_dict(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `data`, appending every problem found to `problems`."""
+    obj = cls()
+    if data is None:
+        return obj
+    if not isinstance(data, dict):
+        problems.append(f"`{prefix or 'config'}` must be a mapping, got {type(data).__name__}")
+        return obj
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean `{(prefix + '.' if prefix else '') + close[0]}`?" if close else ""
+            problems.append(f"unknown key `{path}`{hint} (valid keys here: {', '.join(names)})")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            setattr(obj, key, _from_dict(tp, value, path, problems))
+        elif tp is float and isinstance(value, str):
+            try:  # YAML reads 1e-3 as a string; accept it as the float it obviously is
+                setattr(obj, key, float(value))
+            except ValueError:
+                problems.append(f"`{path}` must be a number, got {value!r}")
+        elif _check_value(value, tp):
+            setattr(obj, key, float(value) if tp is float else value)
+        else:
+            problems.append(f"`{path}` must be {_type_name(tp)}, got {value!r}")
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict of a config dataclass (for YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError([f"override `{text}` is not of the form key=value (e.g. train.max_steps=100)"], "overrides")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
+    """Cross-field checks; returns the list of problems (empty when the config is usable).
+
+    `check_paths=False` skips the checks that files exist (data, init_from, deepspeed), for
+    validating recipes whose data has not been downloaded yet.
+    """
+    problems = []
+    if not cfg.output_dir:
+        problems.append("`output_dir` is empty; set it in the YAML or on the command line: output_dir=runs/my-run")
+    multimodal = cfg.stage in MULTIMODAL_STAGES
+    if multimodal and not cfg.model.vision.name_or_path:
+        problems.append("`model.vision.name_or_path` is empty; e.g. openai/clip-vit-large-patch14-336 or tiny:vision")
+    if not cfg.model.llm.name_or_path:
+        problems.append("`model.llm.name_or_path` is empty; e.g. lmsys/vicuna-7b-v1.5 or tiny:llm")
+    paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
+    if not any(paths):
+        problems.append("`data.path` is empty; point it at a LLaVA JSON or JSONL file")
+    if multimodal and not cfg.data.image_root:
+        problems.append("`data.image_root` is empty; set the directory the records' `image` paths are relative to")
+    from llava_kit.data.templates import TEMPLATE_NAMES  # local import: templates imports nothing heavy
+
+    if cfg.data.template not in TEMPLATE_NAMES:
+        close = difflib.get_close_matches(cfg.data.template, TEMPLATE_NAMES, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        problems.append(f"`data.template` is {cfg.data.template!r}{hint} (valid: {', '.join(TEMPLATE_NAMES)})")
+    if cfg.stage == "pretrain" and cfg.model.trainable.llm not in (None, "frozen"):
+        problems.append("stage `pretrain` trains only the projector; remove `model.trainable.llm` or use stage `sft`")
+    if cfg.data.max_seq_len < 16:
+        problems.append(f"`data.max_seq_len` is {cfg.data.max_seq_len}; it must be at least 16")
+    t = cfg.train
+    for name in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        if getattr(t, name) < 1:
+            problems.append(f"`train.{name}` must be >= 1, got {getattr(t, name)}")
+    if t.max_steps <= 0 and t.num_epochs <= 0:
+        problems.append("set `train.max_steps` > 0 or `train.num_epochs` > 0")
+    if t.learning_rate <= 0 or (t.projector_learning_rate is not None and t.projector_learning_rate <= 0):
+        problems.append("learning rates must be > 0")
+    if not 0 <= t.lr_warmup_ratio < 1:
+        problems.append(f"`train.lr_warmup_ratio` must be in [0, 1), got {t.lr_warmup_ratio}")
+    if cfg.model.lora.r < 1 or cfg.model.lora.alpha <= 0:
+        problems.append("`model.lora.r` must be >= 1 and `model.lora.alpha` > 0")
+    if check_paths:
+        problems += _missing_paths(cfg, paths)
+    return problems
+
+
+def _missing_paths(cfg: RunConfig, data_paths: list[str]) -> list[str]:
+    problems = []
+    for p in data_paths:
+        if p and not Path(p).is_file():
+            problems.append(f"`data.path` file {p!r} does not exist")
+    if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
+        problems.append(f"`data.image_root` {cfg.data.image_root!r} is not a directory")
+    t = cfg.train
+    if t.deepspeed and not Path(t.deepspeed).is_file():
+        problems.append(f"`train.deepspeed` file {t.deepspeed!r} does not exist; shipped ones: configs/deepspeed/*.json")
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
+        problems.append(f"`model.init_from` {cfg.model.init_from!r} is not a directory; give a previous run directory")
+    return problems
+
+
+def config_from_dict(data: dict, source: str = "config", check_paths: bool = True) -> RunConfig:
+    """Build, default and validate a `RunConfig`; raises `ConfigError` listing every problem."""
+    problems: list[str] = []
+    cfg = _from_dict(RunConfig, data, "", problems)
+    if problems:  # type errors make cross-field checks unreliable: report what we have
+        raise ConfigError(problems, source)
+    cfg.resolve_defaults()
+    problems = validate(cfg, check_paths)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
+    """Read a YAML config, apply `key=value` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping of keys"], str(path))
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data, str(path), check_paths)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (read back by `load_saved_config`)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_saved_config(run_dir: str | Path) -> RunConfig:
+    """Read the resolved config a run saved, without re-validating paths that may have moved."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError([f"{path} does not exist; is {run_dir} a llava-kit run directory?"], str(run_dir))
+    problems: list[str] = []
+    cfg = _from_dict(RunConfig, yaml.safe_load(path.read_text()), "", problems)
+    if problems:
+        raise ConfigError(problems, str(path))
+    cfg.resolve_defaults()
+    return cfg

@@ -1,0 +1,101 @@
+"""The one tokenizer step: template -> token ids, labels, `<image>` expansion, safe truncation.
+
+    enc = encode_messages(messages, tokenizer, "chatml", image_token_id=..., tokens_per_image=576,
+                          max_seq_len=2048)
+
+- Labels are IGNORE_INDEX everywhere except the tokens overlapping the template's answer spans.
+- Each `<image>` token becomes `tokens_per_image` copies of itself; the model later scatters the
+  projector's output into exactly those positions (transformers llava does the same).
+- Truncation cuts text from the end and never splits an image: an image whose tokens do not fit
+  is dropped whole, with its tokens, and `n_images` says how many images the sample keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llava_kit.data.templates import IMAGE_TOKEN, render
+
+IGNORE_INDEX = -100
+
+
+class EncodeError(ValueError):
+    """A sample that cannot be trained on; the message is the reason reported for it."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    n_images: int
+    """Images whose tokens are in `input_ids` (the first n of the sample's images)."""
+    truncated: bool
+
+
+def add_image_token(tokenizer) -> int:
+    """Add `<image>` to the tokenizer as a special token if missing; return its id."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def _labels_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], ids: list[int]) -> list[int]:
+    """Supervise each token whose characters overlap an answer span."""
+    labels = [IGNORE_INDEX] * len(ids)
+    span_index = 0
+    for i, (start, end) in enumerate(offsets):
+        while span_index < len(spans) and spans[span_index][1] <= start:
+            span_index += 1
+        if span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]:
+            labels[i] = ids[i]
+    return labels
+
+
+def _expand_images(ids: list[int], labels: list[int], image_token_id: int,
+                   tokens_per_image: int) -> tuple[list[int], list[int]]:
+    out_ids, out_labels = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if token == image_token_id:
+            out_ids.extend([image_token_id] * tokens_per_image)
+            out_labels.extend([IGNORE_INDEX] * tokens_per_image)
+        else:
+            out_ids.append(token)
+            out_labels.append(label)
+    return out_ids, out_labels
+
+
+def _truncate(ids: list[int], labels: list[int], image_token_id: int, max_seq_len: int) -> tuple[list, list, int]:
+    """Cut to max_seq_len, moving the cut before any image block it would split."""
+    cut = max_seq_len
+    if ids[cut - 1] == image_token_id and ids[cut] == image_token_id:
+        while cut > 0 and ids[cut - 1] == image_token_id:
+            cut -= 1
+    ids, labels = ids[:cut], labels[:cut]
+    return ids, labels, cut
+
+
+def encode_messages(messages: list[dict], tokenizer, template: str, image_token_id: int, tokens_per_image: int,
+                    max_seq_len: int, n_images: int = 0, system_prompt: str | None = None,
+                    add_generation_prompt: bool = False) -> Encoded:
+    """Tokenize one conversation for training (or, with add_generation_prompt, for chat).
+
+    `n_images` is how many images the sample carries; it must equal the number of `<image>` tags.
+    Raises EncodeError with the reason when the sample is unusable.
+    """
+    rendered = render(messages, tokenizer, template, system_prompt, add_generation_prompt)
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = _labels_from_spans(enc["offset_mapping"], rendered.label_spans, ids)
+    found = ids.count(image_token_id)
+    if found != n_images:
+        raise EncodeError(f"{found} `<image>` tag(s) in the text but {n_images} image(s) in the record")
+    ids, labels = _expand_images(ids, labels, image_token_id, tokens_per_image)
+
+    truncated = len(ids) > max_seq_len
+    if truncated:
+        ids, labels, _ = _truncate(ids, labels, image_token_id, max_seq_len)
+        n_images = ids.count(image_token_id) // tokens_per_image
+    if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
+        why = "truncated away by max_seq_len" if truncated else "the answers are empty or the template matched none"
+        raise EncodeError(f"no supervised tokens left ({why})")
+    return Encoded(ids, labels, n_images, truncated)

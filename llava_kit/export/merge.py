@@ -1,0 +1,98 @@
+"""Merge a run into one standalone model directory, and load models for inference.
+
+    llava-kit merge RUN_DIR -o OUT_DIR
+
+OUT_DIR never refers to the base model paths again:
+
+    OUT_DIR/llava_kit.json          composite spec: projector, template, image handling
+    OUT_DIR/vision/                 the vision tower with its image processor
+    OUT_DIR/llm/                    the causal LM with LoRA folded in (safetensors) and the tokenizer
+    OUT_DIR/projector.safetensors   the projector
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from llava_kit.data.templates import IMAGE_TOKEN
+from llava_kit.model.llava import LlavaModel, causal_lm_of
+from llava_kit.train.checkpoint import PROJECTOR_WEIGHTS, load_run, projector_spec, save_projector
+
+logger = logging.getLogger(__name__)
+
+MERGED_SPEC = "llava_kit.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class InferenceSettings:
+    """How prompts and images are prepared for a model (taken from its training config)."""
+
+    template: str
+    system_prompt: str | None
+    image_aspect: str
+    max_seq_len: int
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold the run's LoRA into its LLM and write a standalone model directory."""
+    model, tokenizer, cfg = load_run(run_dir)
+    if hasattr(model.language_model, "merge_and_unload"):
+        model.language_model = model.language_model.merge_and_unload()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.vision_tower.save_pretrained(out_dir / "vision")
+    model.language_model.save_pretrained(out_dir / "llm")
+    tokenizer.save_pretrained(out_dir / "llm")
+    spec = projector_spec(model, cfg)
+    save_projector(model, out_dir, spec)
+    settings = InferenceSettings(cfg.data.template, cfg.data.system_prompt, cfg.data.image_aspect, cfg.data.max_seq_len)
+    meta = {"format": "llava-kit", "version": FORMAT_VERSION, "image_token": IMAGE_TOKEN,
+            "projector": spec, "inference": vars(settings), "merged_from": str(Path(run_dir).resolve())}
+    (out_dir / MERGED_SPEC).write_text(json.dumps(meta, indent=2))
+    logger.info("merged %s into %s", run_dir, out_dir)
+    return out_dir
+
+
+def load_merged(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LlavaModel, object, InferenceSettings]:
+    """Load a directory written by `merge_run`."""
+    from llava_kit.model.build import load_llm, load_tokenizer
+    from llava_kit.model.projectors import build_projector
+    from llava_kit.model.vision import build_vision_tower
+
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / MERGED_SPEC).read_text())
+    spec = meta["projector"]
+    tower = build_vision_tower(str(model_dir / "vision"),
+                               feature_layer=spec["trained_with"]["vision"]["feature_layer"],
+                               select_strategy=spec["trained_with"]["vision"]["select_strategy"])
+    tokenizer = load_tokenizer(str(model_dir / "llm"))
+    llm = load_llm(str(model_dir / "llm"), dtype)
+    projector = build_projector(spec["name"], spec["vision_width"], spec["llm_width"], tuple(spec["grid"]),
+                                has_cls=spec["has_cls"], **spec["options"])
+    projector.load_state_dict(load_file(str(model_dir / PROJECTOR_WEIGHTS)))
+    model = LlavaModel(tower.to(dtype), projector.to(dtype), llm, tokenizer.convert_tokens_to_ids(meta["image_token"]))
+    return model.eval(), tokenizer, InferenceSettings(**meta["inference"])
+
+
+def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a merged model directory or a run directory; returns (model, tokenizer, InferenceSettings)."""
+    model_dir = Path(model_dir)
+    if (model_dir / MERGED_SPEC).is_file():
+        return load_merged(model_dir, dtype)
+    if (model_dir / "config.yaml").is_file():
+        model, tokenizer, cfg = load_run(model_dir, dtype)
+        return model, tokenizer, InferenceSettings(cfg.data.template, cfg.data.system_prompt,
+                                                   cfg.data.image_aspect, cfg.data.max_seq_len)
+    raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}) nor a run directory (config.yaml); "
+                            "give the output of `llava-kit merge` or of `llava-kit train`")
+
+
+def count_llm_parameters(model: LlavaModel) -> int:
+    return sum(p.numel() for p in causal_lm_of(model.language_model).parameters())

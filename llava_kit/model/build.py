@@ -1,0 +1,77 @@
+"""Build the composite model from a config: tower, tokenizer (+`<image>`), LLM, projector.
+
+The same functions build the model for training, for merging and for chat, from hub ids, local
+directories or `tiny:` names, so a path that works in one works in all.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from llava_kit.config import ModelConfig
+from llava_kit.data.encode import add_image_token
+from llava_kit.model.llava import LlavaModel
+from llava_kit.model.projectors import build_projector
+from llava_kit.model.tiny import resolve_model_path
+from llava_kit.model.vision import build_vision_tower
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(name_or_path: str):
+    """Load a tokenizer (fast tokenizers only: labels need character offsets) and give it a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; llava-kit needs a fast "
+                         "one for character offsets (install `tokenizers`, or convert it with AutoTokenizer(use_fast=True))")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and labels anyway
+    return tokenizer
+
+
+def resize_embeddings_with_mean(llm, vocab_size: int) -> None:
+    """Grow the embeddings to `vocab_size`; new rows are the mean of the existing ones (llava-hf does the same).
+
+    Deterministic (no sampling), so a LoRA run can rebuild the exact base from the base checkpoint.
+    """
+    old = llm.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
+            emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+
+
+def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """Any transformers causal LM from a hub id or local directory."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise ValueError(f"cannot load the LLM {name_or_path!r}: {err}") from None
+
+
+def build_llava(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                llm_path: str | None = None, tokenizer_path: str | None = None) -> tuple[LlavaModel, object]:
+    """Build tower + projector (fresh) + LLM from `model_cfg`; returns (model, tokenizer with `<image>`)."""
+    v = model_cfg.vision
+    tower = build_vision_tower(resolve_model_path(v.name_or_path), backend=v.backend, feature_layer=v.feature_layer,
+                               select_strategy=v.select_strategy, pretrained=v.pretrained)
+    llm_location = llm_path or model_cfg.llm.name_or_path
+    tokenizer = load_tokenizer(tokenizer_path or model_cfg.llm.tokenizer or llm_location)
+    llm = load_llm(llm_location, dtype)
+    image_token_id = add_image_token(tokenizer)
+    resize_embeddings_with_mean(llm, len(tokenizer))
+    has_cls = tower.has_cls and v.select_strategy == "full"
+    projector = build_projector(model_cfg.projector.name, tower.width, llm.config.get_text_config().hidden_size,
+                                tower.grid, has_cls=has_cls, **model_cfg.projector.options)
+    tower.to(dtype)
+    projector.to(dtype)
+    return LlavaModel(tower, projector, llm, image_token_id), tokenizer

@@ -1,0 +1,152 @@
+"""Chat with a model about images: the code path behind `llava-kit chat`, `eval` and serving.
+
+    llava-kit chat --model runs/demo/merged --image pic.png                      # interactive REPL
+    llava-kit chat --model runs/demo/merged --image pic.png --prompt "What shape is in the image?"
+
+Prompts go through the same template and tokenizer step as training (`encode_messages` with a
+generation prompt), so what the model saw in training is what it sees here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TextStreamer
+
+from llava_kit.data.encode import encode_messages
+from llava_kit.data.images import load_image, prepare_image
+from llava_kit.data.templates import IMAGE_TOKEN, render
+
+REPL_HELP = """commands:
+  /image PATH   switch to another image (it joins the conversation at your next message)
+  /reset        forget the conversation and the images
+  /help         this text
+  /exit         quit (or Ctrl-D)"""
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+
+
+class _CallbackStreamer(TextStreamer):
+    """Hands each finished piece of decoded text to a callback (stdout, an SSE stream, ...)."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.callback = callback
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.callback(text)
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation with images; `ask()` returns (and optionally streams) each answer."""
+
+    model: object
+    tokenizer: object
+    settings: object  # InferenceSettings
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    messages: list[dict] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)
+    pending_image: torch.Tensor | None = None
+
+    def set_image(self, path: str) -> None:
+        """Load an image; it is attached to the next user message."""
+        tower = self.model.vision_tower
+        image = prepare_image(load_image(path), self.settings.image_aspect, tower.image_mean)
+        self.pending_image = tower.preprocess([image])  # [1, 3, H, W]
+
+    def reset(self) -> None:
+        self.messages, self.images, self.pending_image = [], [], None
+
+    def _stop_token_ids(self, prompt_text: str) -> list[int]:
+        stops = render([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
+                       self.tokenizer, self.settings.template).stop_strings
+        ids = {self.tokenizer.eos_token_id}
+        for s in stops:
+            token_ids = self.tokenizer.convert_tokens_to_ids([s])
+            if token_ids and token_ids[0] is not None and token_ids[0] != self.tokenizer.unk_token_id:
+                ids.add(token_ids[0])
+        return [i for i in ids if i is not None]
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Add a user message, generate the answer (streamed to `on_text` if given), and return it."""
+        content = text
+        if self.pending_image is not None:
+            content = f"{IMAGE_TOKEN}\n{text}" if IMAGE_TOKEN not in text else text
+            self.images.append(self.pending_image)
+            self.pending_image = None
+        self.messages.append({"role": "user", "content": content})
+        enc = encode_messages(self.messages, self.tokenizer, self.settings.template, self.model.image_token_id,
+                              self.model.tokens_per_image, max_seq_len=10**9, n_images=len(self.images),
+                              system_prompt=self.settings.system_prompt, add_generation_prompt=True)
+        device = self.model.device
+        input_ids = torch.tensor([enc.input_ids], device=device)
+        pixel_values = torch.cat(self.images).to(device) if self.images else None
+        g = self.generation
+        sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else \
+            {"do_sample": False}
+        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text else None
+        output = self.model.generate(input_ids, pixel_values=pixel_values, max_new_tokens=g.max_new_tokens,
+                                     eos_token_id=self._stop_token_ids(""), pad_token_id=self.tokenizer.pad_token_id,
+                                     streamer=streamer, **sampling)
+        answer = self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def answer_once(session: ChatSession, image: str | None, prompt: str) -> str:
+    """One question about one image in a fresh conversation (used by `chat --prompt` and `eval`)."""
+    session.reset()
+    if image:
+        session.set_image(image)
+    return session.ask(prompt)
+
+
+def run_repl(session: ChatSession, image: str | None = None, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """Interactive multi-turn chat on a terminal; answers stream to stdout as they are generated."""
+    if image:
+        session.set_image(image)
+    print(f"chatting (image: {image or 'none'}); /help for commands", file=sys.stderr)
+    while True:
+        print(">>> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/help":
+            print(REPL_HELP, file=sys.stderr)
+            continue
+        if line == "/reset":
+            session.reset()
+            print("conversation cleared", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                session.set_image(path)
+                print(f"image: {path}", file=sys.stderr)
+            except ValueError as err:
+                print(f"cannot use {path!r}: {err}", file=sys.stderr)
+            continue
+
+        def write(piece: str) -> None:
+            stdout.write(piece)
+            stdout.flush()
+
+        session.ask(line, on_text=write)
+        stdout.write("\n")
+        stdout.flush()

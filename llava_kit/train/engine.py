@@ -1,0 +1,138 @@
+"""One engine for every stage, on the Hugging Face Trainer.
+
+    llava-kit train configs/tiny/pretrain.yaml output_dir=runs/pretrain
+
+Reads top to bottom: resolve the config -> build the model -> apply trainability -> build the data
+(bad records reported) -> Trainer.train() (DeepSpeed, accumulation, schedules, checkpoints, resume,
+TensorBoard and progress bars all come from transformers/accelerate) -> save only what was trained,
+the metrics and a loss plot. llava-kit adds the model, the data, the separate projector learning
+rate and the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from llava_kit.config import RunConfig, save_config
+from llava_kit.data.dataset import Collator, LlavaDataset
+from llava_kit.data.formats import read_llava
+from llava_kit.model.build import build_llava
+from llava_kit.train.checkpoint import load_projector, save_trained_weights
+from llava_kit.train.plots import plot_loss
+from llava_kit.train.trainable import apply_trainability
+
+logger = logging.getLogger(__name__)
+
+
+class LlavaTrainer(Trainer):
+    """Trainer with a separate projector learning rate, saving only the trained weights in checkpoints."""
+
+    def __init__(self, *args, projector_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_learning_rate = projector_learning_rate
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.projector_learning_rate is not None:
+            model = model or self.model
+            decay = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[float, float], list] = {}
+            for name, param in model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                is_projector = name.startswith("multi_modal_projector.")
+                lr = self.projector_learning_rate if is_projector else self.args.learning_rate
+                weight_decay = self.args.weight_decay if name in decay else 0.0
+                groups.setdefault((lr, weight_decay), []).append(param)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(
+                [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()], **optimizer_kwargs)
+        return super().create_optimizer(model)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Checkpoints hold only the trainable tensors (resume loads them non-strictly onto the rebuilt base).
+        if state_dict is None:
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            state_dict = {k: v for k, v in self.model.state_dict().items() if k in trainable}
+        super()._save(output_dir, state_dict=state_dict)
+
+
+def choose_precision(precision: str, use_cpu: bool) -> str:
+    """`auto` -> bf16 on a GPU that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    if not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def build_dataset(cfg: RunConfig, model, tokenizer) -> LlavaDataset:
+    """Read and encode the training data; bad records are skipped and reported, or stop the run."""
+    result = read_llava(cfg.data.path)
+    tower = model.vision_tower
+    return LlavaDataset(
+        result.samples, tokenizer, cfg.data.template, model.image_token_id, model.tokens_per_image,
+        cfg.data.max_seq_len, image_root=cfg.data.image_root, image_aspect=cfg.data.image_aspect,
+        image_preprocess=tower.preprocess, image_mean=tower.image_mean, system_prompt=cfg.data.system_prompt,
+        bad_records=cfg.data.bad_records, prior_bad=result.bad)
+
+
+def training_arguments(cfg: RunConfig, precision: str) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=cfg.output_dir, seed=cfg.seed, per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.lr_warmup_ratio, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, bf16=precision == "bf16", fp16=precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        deepspeed=t.deepspeed, report_to=t.report_to, use_cpu=t.use_cpu,
+        dataloader_num_workers=cfg.data.num_workers, remove_unused_columns=False, ddp_find_unused_parameters=False,
+    )
+
+
+def train(cfg: RunConfig) -> Path:
+    """Run one stage described by a validated config; returns the run directory."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    set_seed(cfg.seed)
+    precision = choose_precision(cfg.train.precision, cfg.train.use_cpu)
+    logger.info("stage %s -> %s (precision %s)", cfg.stage, run_dir, precision)
+
+    model, tokenizer = build_llava(cfg.model, torch.float32)
+    if cfg.model.init_from:
+        load_projector(model, cfg.model.init_from)
+        logger.info("projector initialised from %s", cfg.model.init_from)
+    apply_trainability(model, cfg.model.trainable, cfg.model.lora)
+    if cfg.train.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    dataset = build_dataset(cfg, model, tokenizer)
+    dataset.report.log()
+    (run_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
+
+    trainer = LlavaTrainer(
+        model=model, args=training_arguments(cfg, precision), train_dataset=dataset,
+        data_collator=Collator(tokenizer.pad_token_id), projector_learning_rate=cfg.train.projector_learning_rate)
+    resume = cfg.train.resume_from_checkpoint
+    if resume == "latest":
+        resume = get_last_checkpoint(str(run_dir))
+        if resume is None:
+            logger.warning("resume_from_checkpoint=latest but %s has no checkpoint-N; starting fresh", run_dir)
+    trainer.train(resume_from_checkpoint=resume)
+
+    if trainer.is_world_process_zero():
+        save_trained_weights(model, tokenizer, cfg, run_dir)
+        history = trainer.state.log_history
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        plot_loss(history, run_dir / "loss.png", title=f"{cfg.stage}: {run_dir.name}")
+        logger.info("saved the trained weights, metrics.jsonl and loss.png in %s", run_dir)
+    return run_dir
