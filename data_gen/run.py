@@ -1,0 +1,301 @@
+"""The resumable caption run: scan -> skip what is done -> caption concurrently -> validate -> append.
+
+    job = Job.open(RunOptions(image_dir, output), model="gpt-4o")
+    summary = run_online(job, ClientOptions(model="gpt-4o"), api_key)
+
+Every unique image ends exactly once in OUT.jsonl (a record keyed by image hash + task) or in
+OUT.errors.jsonl (with a reason). Rerunning the same command skips the done ids and retries the rest;
+`--batch` (batch.py) shares this Job and differs only in how requests are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_gen.client import (
+    ClientOptions,
+    FatalAPIError,
+    RateLimiter,
+    Reply,
+    TransientError,
+    VisionClient,
+    backoff_delay,
+)
+from data_gen.prompts import AnswerError, Task, get_task, sample_question, to_conversations
+from data_gen.scan import ImageFile, ScanResult, scan_folder
+from data_gen.store import ErrorLog, OutputStore, errors_path
+from data_gen.validate import validated_turns
+
+log = logging.getLogger("data_gen")
+
+
+@dataclass
+class RunOptions:
+    """What to caption and how hard to try."""
+
+    image_dir: Path
+    """Folder scanned recursively for images."""
+    output: Path
+    """The dataset, LLaVA JSONL; failures go next to it in OUT.errors.jsonl."""
+    task: str = "caption"
+    """caption, detail, conversation or reasoning."""
+    prompt_file: Path | None = None
+    """Replaces the task's instruction to the model."""
+    seed: int = 0
+    """Seeds the per-image choice of the stored question (caption, detail)."""
+    concurrency: int = 8
+    """Requests in flight at once."""
+    rpm: float | None = None
+    """Requests per minute at most; None: no limit besides concurrency."""
+    max_retries: int = 6
+    """Retries per image after 429, 5xx, timeouts and dropped connections."""
+    validation_retries: int = 2
+    """Retries per image after a refusal, a truncated, empty, malformed or leaking answer."""
+    retry_delay: float = 1.0
+    """First backoff in seconds (doubles per retry, jittered) when the server gives no Retry-After."""
+    limit: int | None = None
+    """Caption at most this many of the images still to do."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+
+@dataclass
+class Summary:
+    """Counts for the end-of-run report and the exit code."""
+
+    found: int = 0
+    unique: int = 0
+    skipped: int = 0
+    done: int = 0
+    todo: int = 0
+    failed: Counter = field(default_factory=Counter)
+    retries: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed: float = 0.0
+    fatal: str | None = None
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 all done, 1 some images failed (rerun retries them), 3 fatal API error, 130 interrupted."""
+        if self.fatal:
+            return 3
+        if self.interrupted:
+            return 130
+        return 1 if sum(n for reason, n in self.failed.items() if reason != "unreadable") else 0
+
+    def lines(self, output: Path, usd: float | None = None) -> list[str]:
+        """The human-readable report."""
+        failed = sum(self.failed.values())
+        rate = f", {self.done / self.elapsed:.1f} img/s" if self.elapsed > 0 and self.done else ""
+        out = [
+            f"image files found: {self.found} ({self.unique} unique readable, {self.duplicates} exact duplicates "
+            "dropped)",
+            f"done this run: {self.done} in {self.elapsed:.1f}s{rate}; skipped (already done): {self.skipped}; "
+            f"failed: {failed}",
+        ]
+        if self.failed:
+            out.append("failed by reason: " + ", ".join(f"{k} {v}" for k, v in self.failed.most_common()))
+        if self.retries:
+            out.append("retries by reason: " + ", ".join(f"{k} {v}" for k, v in self.retries.most_common()))
+        missing = self.todo - self.done - failed
+        if missing > 0:
+            out.append(f"not attempted (run stopped): {missing}")
+        tokens = f"tokens used: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
+        out.append(tokens + (f" (about ${usd:.4f} at list price)" if usd is not None else ""))
+        out.append(f"dataset: {output}  errors: {errors_path(output)}")
+        if failed or missing > 0 or self.interrupted:
+            out.append("rerun the same command to retry what failed or is missing; finished images are skipped")
+        return out
+
+
+class Job:
+    """State shared by the online and batch runs: the scan, the task, the output files and the counts."""
+
+    def __init__(self, options: RunOptions, model: str, scan: ScanResult, task: Task, store: OutputStore,
+                 errors: ErrorLog | None) -> None:
+        self.options = options
+        self.model = model
+        self.scan = scan
+        self.task = task
+        self.store = store
+        self.errors = errors
+        self.summary = Summary(found=scan.files_seen, unique=len(scan.images), duplicates=len(scan.duplicates))
+        self.todo = [img for img in scan.images if self.item_id(img) not in store.done]
+        self.summary.skipped = len(scan.images) - len(self.todo)
+        if options.limit is not None:
+            self.todo = self.todo[: options.limit]
+        self.summary.todo = len(self.todo)
+
+    @classmethod
+    def open(cls, options: RunOptions, model: str, *, dry_run: bool = False) -> Job:
+        """Scan the folder and open the output files (read-only for a dry run)."""
+        task = get_task(options.task, options.prompt_file)
+        scan = _scan_with_progress(options.image_dir, options.progress)
+        store = OutputStore(options.output, readonly=dry_run)
+        errors = None if dry_run else ErrorLog(errors_path(options.output))
+        job = cls(options, model, scan, task, store, errors)
+        if errors is not None:
+            if errors.previous:
+                log.info("retrying the %d images that failed in the previous run", len(errors.previous))
+            for problem in scan.unreadable + scan.duplicates:
+                job.fail_problem(problem.rel, problem.reason, problem.detail, problem.sha256)
+        return job
+
+    def item_id(self, img: ImageFile) -> str:
+        """Stable id of one image for this task: content hash + task label."""
+        return f"{img.sha256[:16]}-{self.task.label}"
+
+    def accept(self, img: ImageFile, reply: Reply) -> None:
+        """Validate a reply and append its record; raises AnswerError when it may not enter the dataset."""
+        turns = validated_turns(self.task, reply.finish_reason, reply.refusal, reply.content)
+        question = sample_question(self.task, img.sha256, self.options.seed)
+        record: dict[str, Any] = {
+            "id": self.item_id(img),
+            "image": img.rel,
+            "conversations": to_conversations(self.task, turns, question),
+            "task": self.task.label,
+            "model": self.model,
+            "sha256": img.sha256,
+        }
+        if self.store.append(record):
+            self.summary.done += 1
+
+    def fail(self, img: ImageFile, reason: str, detail: str, attempts: int) -> None:
+        """Record that an image will not be in the dataset this run, and why."""
+        self.summary.failed[reason] += 1
+        if self.errors is not None:
+            self.errors.write({"id": self.item_id(img), "image": img.rel, "task": self.task.label, "reason": reason,
+                               "detail": detail, "attempts": attempts, "sha256": img.sha256})
+
+    def fail_problem(self, rel: str, reason: str, detail: str, sha256: str | None) -> None:
+        """Record a file the scan dropped (unreadable, duplicate)."""
+        if reason != "duplicate":
+            self.summary.failed[reason] += 1
+        if self.errors is not None:
+            self.errors.write({"image": rel, "reason": reason, "detail": detail, "sha256": sha256})
+
+    def close(self) -> None:
+        """Flush and close the output files."""
+        self.store.close()
+        if self.errors is not None:
+            self.errors.close()
+
+
+def _progress_bar(total: int, enabled: bool, unit: str, desc: str) -> Any:
+    from tqdm import tqdm  # tqdm's rate and ETA, on stderr so stdout stays clean
+
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5, smoothing=0.1)
+
+
+def _scan_with_progress(image_dir: Path, progress: bool) -> ScanResult:
+    with _progress_bar(0, progress, "file", "scanning") as bar:
+        return scan_folder(image_dir, progress=bar.update)
+
+
+async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img: ImageFile) -> None:
+    from data_gen.images import encode_image
+
+    options = job.options
+    try:
+        image_url = await asyncio.to_thread(encode_image, img.path, client.options.detail)
+    except Exception as exc:  # the header was fine at scan time but the pixels are not
+        job.fail(img, "unreadable", f"cannot decode: {type(exc).__name__}: {exc}", 0)
+        return
+    transient = invalid = 0
+    while True:
+        await limiter.acquire()
+        try:
+            reply = await client.complete(job.task, image_url)
+            job.accept(img, reply)
+            return
+        except TransientError as exc:
+            transient += 1
+            job.summary.retries[exc.reason] += 1
+            if transient > options.max_retries:
+                if client.successes == 0 and exc.reason in ("connection_error", "timeout"):
+                    where = client.options.base_url or "api.openai.com"
+                    raise FatalAPIError(
+                        f"no request to {where} has succeeded ({exc.reason}: {exc.detail}).\n"
+                        "Check --base-url and that the server is up; if it is just slow, raise --timeout."
+                    ) from None
+                job.fail(img, exc.reason, exc.detail, transient + invalid)
+                return
+            delay = backoff_delay(transient, exc.retry_after, base=options.retry_delay)
+            if exc.reason == "rate_limited":
+                limiter.pause(delay)  # the limit is the account's: everyone waits, not just this worker
+            log.debug("%s: %s; retry %d in %.2fs", img.rel, exc, transient, delay)
+            await asyncio.sleep(delay)
+        except AnswerError as exc:
+            invalid += 1
+            job.summary.retries[exc.reason] += 1
+            if invalid > options.validation_retries:
+                job.fail(img, exc.reason, exc.detail, transient + invalid)
+                return
+            log.debug("%s: unusable answer (%s); asking again", img.rel, exc)
+
+
+async def caption_online(job: Job, client: VisionClient) -> None:
+    """Caption `job.todo` with `concurrency` workers; the first fatal error cancels the rest."""
+    limiter = RateLimiter(job.options.rpm)
+    pending = iter(job.todo)
+    with _progress_bar(len(job.todo), job.options.progress, "img", "captioning") as bar:
+
+        async def worker() -> None:
+            for img in pending:  # one shared iterator: each image goes to exactly one worker
+                before = sum(job.summary.failed.values())
+                await _caption_one(job, client, limiter, img)
+                bar.update(1)
+                failed = sum(job.summary.failed.values())
+                if failed != before:
+                    bar.set_postfix(failed=failed, refresh=False)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(job.options.concurrency, len(job.todo))))]
+        try:
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # re-raises a FatalAPIError
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+
+def run_online(job: Job, client_options: ClientOptions, api_key: str, key_env: str = "OPENAI_API_KEY") -> Summary:
+    """Run the job against the API; never raises for API trouble or Ctrl-C (see Summary.fatal/interrupted)."""
+
+    async def main() -> None:
+        client = VisionClient(client_options, api_key, key_env)
+        try:
+            await caption_online(job, client)
+        finally:
+            job.summary.prompt_tokens += client.prompt_tokens
+            job.summary.completion_tokens += client.completion_tokens
+            await client.close()
+
+    return _run_guarded(job, main)
+
+
+def _run_guarded(job: Job, main: Any) -> Summary:
+    """asyncio.run(main()) with fatal errors and Ctrl-C turned into the summary; closes the job."""
+    start = time.monotonic()
+    try:
+        asyncio.run(main())
+    except FatalAPIError as exc:
+        job.summary.fatal = str(exc)
+    except KeyboardInterrupt:
+        job.summary.interrupted = True
+    finally:
+        job.summary.elapsed = time.monotonic() - start
+        job.close()
+    return job.summary
