@@ -203,12 +203,11 @@ def _scan_with_progress(image_dir: Path, progress: bool) -> ScanResult:
         return scan_folder(image_dir, progress=bar.update)
 
 
-async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img: ImageFile) -> None:
-    from data_gen.images import encode_image
-
+async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img: ImageFile,
+                       encoded: asyncio.Future[str]) -> None:
     options = job.options
     try:
-        image_url = await asyncio.to_thread(encode_image, img.path, client.options.detail)
+        image_url = await encoded
     except Exception as exc:  # the header was fine at scan time but the pixels are not
         job.fail(img, "unreadable", f"cannot decode: {type(exc).__name__}: {exc}", 0)
         return
@@ -246,29 +245,51 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
 
 
 async def caption_online(job: Job, client: VisionClient) -> None:
-    """Caption `job.todo` with `concurrency` workers; the first fatal error cancels the rest."""
+    """Caption `job.todo` with `concurrency` workers; the first fatal error cancels the rest.
+
+    A feeder decodes and re-encodes images in threads ahead of the workers (at most `concurrency`
+    waiting), so a worker whose answer arrives sends its next request at once instead of first spending
+    a decode; on big photos the decode costs as much as a short request.
+    """
+    from data_gen.images import encode_image
+
     limiter = RateLimiter(job.options.rpm)
-    pending = iter(job.todo)
+    n_workers = max(1, min(job.options.concurrency, len(job.todo)))
+    ready: asyncio.Queue[tuple[ImageFile, asyncio.Future[str]] | None] = asyncio.Queue(maxsize=n_workers)
+    detail = client.options.detail
+
+    async def feed() -> None:
+        for img in job.todo:
+            await ready.put((img, asyncio.ensure_future(asyncio.to_thread(encode_image, img.path, detail))))
+        for _ in range(n_workers):
+            await ready.put(None)  # one stop sign per worker
+
     with _progress_bar(len(job.todo), job.options.progress, "img", "captioning") as bar:
 
         async def worker() -> None:
-            for img in pending:  # one shared iterator: each image goes to exactly one worker
+            while (entry := await ready.get()) is not None:  # each image goes to exactly one worker
                 before = sum(job.summary.failed.values())
-                await _caption_one(job, client, limiter, img)
+                await _caption_one(job, client, limiter, *entry)
                 bar.update(1)
                 failed = sum(job.summary.failed.values())
                 if failed != before:
                     bar.set_postfix(failed=failed, refresh=False)
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(job.options.concurrency, len(job.todo))))]
+        feeder = asyncio.ensure_future(feed())
+        workers = [asyncio.ensure_future(worker()) for _ in range(n_workers)]
         try:
             done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()  # re-raises a FatalAPIError
         finally:
-            for task in workers:
+            for task in [feeder, *workers]:
                 task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(feeder, *workers, return_exceptions=True)
+            while not ready.empty():  # encodes started for images that will not be sent now
+                entry = ready.get_nowait()
+                if entry is not None:
+                    entry[1].cancel()
+                    await asyncio.gather(entry[1], return_exceptions=True)
 
 
 def run_online(job: Job, client_options: ClientOptions, api_key: str, key_env: str = "OPENAI_API_KEY") -> Summary:

@@ -170,7 +170,7 @@ class StubServer:
     def start(self) -> StubServer:
         """Bind a free port on 127.0.0.1 and serve in a daemon thread."""
         handler = type("Handler", (_Handler,), {"stub": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False  # hanging handlers must not keep stop() waiting
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -294,6 +294,12 @@ class StubServer:
         return file_id
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a client opening 16 connections at once would see
+    # resets and 1-second SYN retries that no real server causes.
+    request_queue_size = 256
+
+
 def _error(message: str, type_: str, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
@@ -301,6 +307,9 @@ def _error(message: str, type_: str, code: str | None) -> dict[str, Any]:
 class _Handler(BaseHTTPRequestHandler):
     stub: StubServer  # set on the subclass made by StubServer.start
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+    # Without TCP_NODELAY, headers and body leave as two packets and Nagle + delayed ACK add ~40 ms per
+    # response: the stub would measure the kernel, not the client.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # quiet: tests read stderr of the client, not of the server
@@ -398,3 +407,23 @@ class _Handler(BaseHTTPRequestHandler):
         with stub._lock:
             stub.batches[batch_id] = batch
         self._send(200, {k: v for k, v in batch.items() if not k.startswith("_")})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m data_gen.testing.stub_server --latency 0.2`: serve until killed; prints the base URL."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="OpenAI-compatible stub server on 127.0.0.1 (for tests)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds each chat request takes")
+    parser.add_argument("--api-key", help="accept only this key (others get 401)")
+    args = parser.parse_args(argv)
+    server = StubServer(latency=args.latency, api_key=args.api_key).start()
+    print(server.base_url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
