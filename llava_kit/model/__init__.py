@@ -1,0 +1,1 @@
+"""The model: vision towers, projectors, the composite LLaVA model and offline tiny builders."""
