@@ -77,7 +77,9 @@ def save_trained_weights(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: 
     trainable = cfg.model.trainable
     save_projector(model, out_dir, projector_spec(model, cfg))
     if trainable.llm == "lora":
-        model.language_model.save_pretrained(out_dir / "adapter")
+        # The `<image>` row added to the embeddings is rebuilt deterministically (mean init) from the base,
+        # so the adapter needs no copy of the embedding matrices.
+        model.language_model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
     elif trainable.llm == "full":
         causal_lm_of(model.language_model).save_pretrained(out_dir / "llm")
     if trainable.vision == "full":
@@ -96,7 +98,9 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[L
     model, tokenizer = build_llava(cfg.model, dtype, llm_path=str(llm_dir) if llm_dir.is_dir() else None,
                                    tokenizer_path=str(run_dir / "tokenizer"))
     if (run_dir / "vision").is_dir():
-        model.vision_tower = build_vision_tower(str(run_dir / "vision")).to(dtype)
+        v = cfg.model.vision
+        model.vision_tower = build_vision_tower(str(run_dir / "vision"), feature_layer=v.feature_layer,
+                                                select_strategy=v.select_strategy).to(dtype)
     load_projector(model, run_dir)
     if (run_dir / "adapter").is_dir():
         from peft import PeftModel

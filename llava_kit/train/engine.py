@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -61,6 +62,22 @@ class LlavaTrainer(Trainer):
             state_dict = {k: v for k, v in self.model.state_dict().items() if k in trainable}
         super()._save(output_dir, state_dict=state_dict)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Our checkpoints hold exactly the trainable tensors: load them, and refuse a checkpoint of another run
+        # (different trainability or LoRA settings) instead of resuming with half the weights silently fresh.
+        model = model or self.model
+        path = Path(resume_from_checkpoint) / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; resume_from_checkpoint must be a checkpoint-N directory "
+                                    "written by llava-kit train (or `latest`)")
+        state = load_file(str(path))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(trainable - state.keys()), sorted(state.keys() - trainable)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {resume_from_checkpoint} does not match this run's trainable weights "
+                             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); resume with the same config")
+        model.load_state_dict(state, strict=False)
+
 
 def choose_precision(precision: str, use_cpu: bool) -> str:
     """`auto` -> bf16 on a GPU that supports it, else fp32."""
@@ -91,8 +108,6 @@ def training_arguments(cfg: RunConfig, precision: str) -> TrainingArguments:
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.lr_warmup_ratio, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, bf16=precision == "bf16", fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         deepspeed=t.deepspeed, report_to=t.report_to, use_cpu=t.use_cpu,
         dataloader_num_workers=cfg.data.num_workers, remove_unused_columns=False, ddp_find_unused_parameters=False,
     )

@@ -1,0 +1,43 @@
+"""Fixtures for end-to-end runs on tiny models and the small shapes sample in assets/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPES = REPO / "assets" / "shapes_small"
+
+
+def tiny_config(tiny_dirs, output_dir, stage="pretrain", **overrides) -> dict:
+    """A config dict for a short run on tiny models; `overrides` are dotted keys."""
+    data = {
+        "stage": stage, "output_dir": str(output_dir), "seed": 0,
+        "model": {"vision": {"name_or_path": str(tiny_dirs["vision"])},
+                  "llm": {"name_or_path": str(tiny_dirs["llm"])},
+                  "projector": {"name": "mlp2x_gelu"},
+                  "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "data": {"path": str(SHAPES / ("pretrain.json" if stage == "pretrain" else "sft.json")),
+                 "image_root": str(SHAPES / "images"), "template": "plain" if stage == "pretrain" else "chatml",
+                 "max_seq_len": 256},
+        "train": {"micro_batch_size": 4, "max_steps": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                  "save_steps": 100, "report_to": "none", "use_cpu": True, "lr_warmup_ratio": 0.0},
+    }
+    for key, value in overrides.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
+
+
+@pytest.fixture
+def make_config(tiny_dirs, tmp_path):
+    from llava_kit.config import config_from_dict
+
+    def make(name="run", stage="pretrain", **overrides):
+        return config_from_dict(tiny_config(tiny_dirs, tmp_path / name, stage, **overrides))
+
+    return make
