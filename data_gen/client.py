@@ -16,6 +16,7 @@ import email.utils
 import logging
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,9 @@ def classify_error(exc: BaseException, options: ClientOptions, api_key: str | No
         return TransientError("connection_error", redact(f"{type(cause).__name__}: {cause}", api_key)[:300])
     if isinstance(exc, openai.APIStatusError):
         status, code = exc.status_code, (exc.code or "")
-        message = redact(str(getattr(exc, "message", exc)), api_key)[:500]
+        body = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
+        text = body.get("message") if isinstance(body, dict) and body.get("message") else exc.message
+        message = redact(str(text), api_key)[:500]
         if status == 429 and (code == "insufficient_quota" or getattr(exc, "type", None) == "insufficient_quota"):
             return FatalAPIError(
                 f"the API account at {where} has no quota left (429 insufficient_quota): {message}\n"
@@ -230,6 +233,18 @@ class RateLimiter:
             return
 
 
+async def _with_deadline(awaitable: Any, seconds: float) -> Any:
+    """`await awaitable`, raising TimeoutError after `seconds`.
+
+    asyncio.timeout where it exists: wait_for before Python 3.12 can swallow a cancellation that
+    arrives as the request completes, and a worker that misses its cancel never stops.
+    """
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class VisionClient:
     """An AsyncOpenAI client that returns Replies and raises TransientError / FatalAPIError."""
 
@@ -268,7 +283,7 @@ class VisionClient:
                 # params transform and the response model, which cost half the client's CPU per request.
                 # The SDK's timeout applies per phase (connect, each read); wait_for bounds the whole
                 # request, so a server that trickles bytes cannot hold a worker forever.
-                response = await asyncio.wait_for(
+                response = await _with_deadline(
                     self._client.post("/chat/completions", body=body, cast_to=object), self.options.timeout)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 message = redact(str(exc.message), self._api_key)
@@ -277,11 +292,12 @@ class VisionClient:
                 raise classify_error(exc, self.options, self._api_key, self._key_env) from None
             except Exception as exc:
                 raise classify_error(exc, self.options, self._api_key, self._key_env) from None
-            reply = reply_from_dict(response)
             self.successes += 1
-            self.prompt_tokens += reply.prompt_tokens
-            self.completion_tokens += reply.completion_tokens
-            return reply
+            usage = response.get("usage") if isinstance(response, dict) else None
+            if isinstance(usage, dict):  # billed even when the answer turns out unusable
+                self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+                self.completion_tokens += int(usage.get("completion_tokens") or 0)
+            return reply_from_dict(response)
 
     async def close(self) -> None:
         """Close the HTTP connections."""

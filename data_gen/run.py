@@ -264,10 +264,12 @@ async def caption_online(job: Job, client: VisionClient) -> None:
         for _ in range(n_workers):
             await ready.put(None)  # one stop sign per worker
 
+    stopping = False
+
     with _progress_bar(len(job.todo), job.options.progress, "img", "captioning") as bar:
 
         async def worker() -> None:
-            while (entry := await ready.get()) is not None:  # each image goes to exactly one worker
+            while not stopping and (entry := await ready.get()) is not None:  # each image to exactly one worker
                 before = sum(job.summary.failed.values())
                 await _caption_one(job, client, limiter, *entry)
                 bar.update(1)
@@ -278,13 +280,19 @@ async def caption_online(job: Job, client: VisionClient) -> None:
         feeder = asyncio.ensure_future(feed())
         workers = [asyncio.ensure_future(worker()) for _ in range(n_workers)]
         try:
-            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            # the feeder is watched too: if it died, workers would wait on the queue for ever
+            done, _ = await asyncio.wait([feeder, *workers], return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()  # re-raises a FatalAPIError
         finally:
-            for task in [feeder, *workers]:
-                task.cancel()
-            await asyncio.gather(feeder, *workers, return_exceptions=True)
+            stopping = True
+            tasks = [feeder, *workers]
+            while True:
+                for task in tasks:
+                    task.cancel()
+                _, still_running = await asyncio.wait(tasks, timeout=1.0)
+                if not still_running:
+                    break  # else a cancel was lost (asyncio on Python 3.10): cancel again
             while not ready.empty():  # encodes started for images that will not be sent now
                 entry = ready.get_nowait()
                 if entry is not None:

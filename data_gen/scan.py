@@ -57,14 +57,14 @@ class ScanResult:
 
 
 def list_image_files(root: Path) -> list[Path]:
-    """Every file under `root` with an image extension (any case), sorted, symlinked folders not followed."""
+    """Every file under `root` with an image extension (any case), sorted; symlinked folders are not followed."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()  # a stable order makes runs, logs and duplicate choice reproducible
-        for name in sorted(filenames):
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 found.append(Path(dirpath) / name)
-    return found
+    # sorted by relative path: a stable order makes runs, logs and the choice among duplicates reproducible
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
 def _inspect(path: Path) -> tuple[str | None, tuple[int, int] | None, str | None]:
