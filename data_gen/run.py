@@ -144,6 +144,8 @@ class Job:
         store = OutputStore(options.output, readonly=dry_run)
         errors = None if dry_run else ErrorLog(errors_path(options.output))
         job = cls(options, model, scan, task, store, errors)
+        if not scan.files_seen:
+            log.warning("no images (jpg, jpeg, png, webp, gif, bmp) found under %s", options.image_dir)
         if errors is not None:
             if errors.previous:
                 log.info("retrying the %d images that failed in the previous run", len(errors.previous))

@@ -150,6 +150,7 @@ class StubServer:
         self.formats = formats  # response_format types this server accepts; others get a 400
         self.api_key = api_key  # when set, other keys get a 401
         self.batch_polls = batch_polls  # GETs of a batch that still say in_progress
+        self.batch_outcome = "completed"  # or "expired" / "failed": the batch ends without results
         self.rule: Callable[[dict[str, Any]], str | None] | None = None
         self.requests: list[dict[str, Any]] = []  # every chat request: {"fault", "body", "auth", "time"}
         self.files: dict[str, bytes] = {}
@@ -356,8 +357,12 @@ class _Handler(BaseHTTPRequestHandler):
             with stub._lock:
                 batch["_polls"] += 1
                 if batch["status"] == "in_progress" and batch["_polls"] > stub.batch_polls:
-                    stub.run_batch(batch)
-                    batch["status"] = "completed"
+                    if stub.batch_outcome == "completed":
+                        stub.run_batch(batch)
+                    elif stub.batch_outcome == "failed":
+                        batch["errors"] = {"object": "list", "data": [{"code": "invalid_request", "line": 1,
+                                                                       "message": "stub: batch failed"}]}
+                    batch["status"] = stub.batch_outcome
                     batch["completed_at"] = int(time.time())
             self._send(200, {k: v for k, v in batch.items() if not k.startswith("_")})
         else:

@@ -259,3 +259,23 @@ def test_exports_for_llava_and_llama_factory(tmp_path: Path, stub: StubServer, c
     assert info["my_caps"]["file_name"] == "caps.sharegpt.json"
     assert info["my_caps"]["formatting"] == "sharegpt"
     assert info["my_caps"]["columns"] == {"messages": "conversations", "images": "images"}
+
+
+def test_every_option_is_documented_and_help_is_fast() -> None:
+    import argparse
+
+    from data_gen.cli import add_caption_arguments
+
+    parser = argparse.ArgumentParser()
+    add_caption_arguments(parser)
+    undocumented = [a.dest for a in parser._actions if not a.help]
+    assert undocumented == []
+    options = {o for a in parser._actions for o in a.option_strings}
+    assert {"--model", "--base-url", "--task", "--concurrency", "--rpm", "--timeout", "--max-retries", "--api-key-env",
+            "--detail", "--dry-run", "--batch", "--prompt-file", "--seed", "--export"} <= options
+
+
+def test_empty_folder_is_reported(tmp_path: Path, stub: StubServer, caption) -> None:
+    (tmp_path / "images").mkdir()
+    result = caption(tmp_path / "images", "-o", tmp_path / "out.jsonl", *fast_args(stub))
+    assert result.code == 0 and "no images" in result.stderr and stub.count() == 0
