@@ -268,7 +268,7 @@ def _dry_run(job: Job, client_options: ClientOptions, price: Price | None, batch
     summary = job.summary
     log.info("dry run: nothing sent, nothing written")
     log.info("image files: %d, unique readable: %d, duplicates: %d, unreadable: %d", summary.found, summary.unique,
-             summary.duplicates, summary.failed["unreadable"])
+             summary.duplicates, summary.unreadable_at_scan)
     log.info("already done: %d; to caption: %d", summary.skipped, estimate.requests)
     log.info("estimated tokens: %d input + %d output (images at detail=%s, ~%d output tokens per %s answer)",
              estimate.input_tokens, estimate.output_tokens, client_options.detail, task.expected_output_tokens,

@@ -78,6 +78,7 @@ class Summary:
     failed: Counter = field(default_factory=Counter)
     retries: Counter = field(default_factory=Counter)
     duplicates: int = 0
+    unreadable_at_scan: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed: float = 0.0
@@ -107,7 +108,7 @@ class Summary:
             out.append("failed by reason: " + ", ".join(f"{k} {v}" for k, v in self.failed.most_common()))
         if self.retries:
             out.append("retries by reason: " + ", ".join(f"{k} {v}" for k, v in self.retries.most_common()))
-        missing = self.todo - self.done - failed
+        missing = self.todo - self.done - (failed - self.unreadable_at_scan)  # scan failures are not in todo
         if missing > 0:
             out.append(f"not attempted (run stopped): {missing}")
         tokens = f"tokens used: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
@@ -129,7 +130,8 @@ class Job:
         self.task = task
         self.store = store
         self.errors = errors
-        self.summary = Summary(found=scan.files_seen, unique=len(scan.images), duplicates=len(scan.duplicates))
+        self.summary = Summary(found=scan.files_seen, unique=len(scan.images), duplicates=len(scan.duplicates),
+                               unreadable_at_scan=len(scan.unreadable))
         self.todo = [img for img in scan.images if self.item_id(img) not in store.done]
         self.summary.skipped = len(scan.images) - len(self.todo)
         if options.limit is not None:
@@ -147,8 +149,9 @@ class Job:
         if not scan.files_seen:
             log.warning("no images (jpg, jpeg, png, webp, gif, bmp) found under %s", options.image_dir)
         if errors is not None:
-            if errors.previous:
-                log.info("retrying the %d images that failed in the previous run", len(errors.previous))
+            retried = sum(1 for e in errors.previous if "id" in e)  # scan problems have no id and no retry
+            if retried:
+                log.info("retrying the %d images that failed in the previous run", retried)
             for problem in scan.unreadable + scan.duplicates:
                 job.fail_problem(problem.rel, problem.reason, problem.detail, problem.sha256)
         return job

@@ -132,9 +132,10 @@ def test_fatal_errors_stop_at_once(tmp_path: Path, caption, fault: str, message:
     assert "stopped:" in result.stderr
     assert requests <= 3  # the fatal answer plus what was already in flight: no retries, no new requests
     assert elapsed < 5
-    assert len(read_jsonl(out)) <= 2
+    done = len(read_jsonl(out))
+    assert done <= 2
     assert API_KEY not in result.stderr
-    assert "not attempted (run stopped)" in result.stderr
+    assert f"not attempted (run stopped): {30 - done}" in result.stderr
 
 
 def test_unreachable_server_is_fatal(tmp_path: Path, caption) -> None:
@@ -174,10 +175,11 @@ def test_api_key_is_never_written(tmp_path: Path, caption) -> None:
 
 def test_dry_run_estimates_and_writes_nothing(tmp_path: Path, stub: StubServer, caption) -> None:
     make_images(tmp_path / "images", 4)
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "sub" / "out.jsonl"
     result = caption(tmp_path / "images", "-o", out, "--model", "gpt-4o", "--dry-run", "--detail", "low")
     assert result.code == 0
-    assert "to caption: 4" in result.stderr
+    assert "to caption: 4" in result.stderr and "unreadable: 1" in result.stderr
     # 4 low-detail images: 85 tokens each plus the prompt text
     tokens = int(result.stderr.split("estimated tokens: ")[1].split(" input")[0])
     assert 4 * 85 < tokens < 4 * 85 + 4 * 400
