@@ -76,6 +76,14 @@ def _save_state(output: Path, batches: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)  # atomic: the state is never half written
 
 
+class _CreateError(Exception):
+    """batches.create failed for an uploaded input file (the cause is the API error)."""
+
+    def __init__(self, input_file_id: str) -> None:
+        super().__init__(input_file_id)
+        self.input_file_id = input_file_id
+
+
 class _Submitter:
     """Packs request lines into files within the limits and submits each full file as a batch."""
 
@@ -96,15 +104,23 @@ class _Submitter:
 
     async def flush(self) -> None:
         """Upload the pending lines and create a batch; record it in the state file before anything else."""
+        import openai
+
         if not self.lines:
             return
         self.tmp.write_bytes(b"".join(self.lines))
         try:
             uploaded = await self.client.files.create(file=self.tmp, purpose="batch")
-            batch = await self.client.batches.create(input_file_id=uploaded.id, endpoint=ENDPOINT,
-                                                     completion_window="24h", metadata={"created_by": "llava-kit"})
         finally:
             self.tmp.unlink(missing_ok=True)
+        try:
+            # No blind retry here: a create that timed out may have started a batch, and a second one
+            # would be paid for twice.
+            batch = await self.client.with_options(max_retries=0).batches.create(
+                input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window="24h",
+                metadata={"created_by": "llava-kit"})
+        except openai.OpenAIError as exc:
+            raise _CreateError(uploaded.id) from exc  # the message names the file so the user can look it up
         self.state.append({"batch_id": batch.id, "input_file_id": uploaded.id, "ids": self.ids})
         _save_state(self.job.options.output, self.state)
         log.info("submitted batch %s with %d requests (%.1f MB)", batch.id, len(self.ids), self.size / 1e6)
@@ -186,15 +202,39 @@ async def _collect(job: Job, client: Any, entry: dict[str, Any], batch: Any) -> 
         _outcome(job, img, results.get(item_id), batch)
 
 
-async def _poll_and_collect(job: Job, client: Any, options: BatchOptions, state: list[dict[str, Any]]) -> None:
+MAX_POLL_FAILURES = 20
+
+
+async def _retrieve(client: Any, batch_id: str, classify: Any, failures: list[int]) -> Any:
+    """The batch's status, or None after a transient error (a long batch should outlive a server hiccup)."""
+    import openai
+
+    try:
+        batch = await client.with_options(max_retries=0).batches.retrieve(batch_id)
+    except openai.OpenAIError as exc:
+        error = classify(exc)
+        failures[0] += 1
+        if not isinstance(error, TransientError) or failures[0] >= MAX_POLL_FAILURES:
+            raise
+        log.warning("checking batch %s failed (%s); trying again at the next poll", batch_id, error)
+        return None
+    failures[0] = 0
+    return batch
+
+
+async def _poll_and_collect(job: Job, client: Any, options: BatchOptions, state: list[dict[str, Any]],
+                            classify: Any) -> None:
     total = sum(len(entry["ids"]) for entry in state)
+    failures = [0]  # consecutive failed status checks
     last_status: dict[str, str] = {}
     collected = 0  # requests of batches already collected (they leave `state`)
     with _progress_bar(total, job.options.progress, "req", "batch") as bar:
         while state:
             finished = collected
             for entry in list(state):
-                batch = await client.batches.retrieve(entry["batch_id"])
+                batch = await _retrieve(client, entry["batch_id"], classify, failures)
+                if batch is None:
+                    continue
                 if last_status.get(batch.id) != batch.status:
                     log.info("batch %s: %s", batch.id, batch.status)
                     last_status[batch.id] = batch.status
@@ -218,20 +258,38 @@ async def caption_batch(job: Job, client_options: ClientOptions, api_key: str, k
     """Submit what is left to do (unless already submitted), wait for every batch, collect the results."""
     import openai
 
-    client = openai.AsyncOpenAI(api_key=api_key, base_url=client_options.base_url, max_retries=3,
-                                timeout=max(client_options.timeout, 600.0))  # uploads of 200 MB take a while
+    # SDK retries for uploads and downloads (repeating them is harmless); status checks and batch
+    # creation opt out (see _retrieve and _Submitter.flush). Uploads of 200 MB take a while: long timeout.
+    client = openai.AsyncOpenAI(api_key=api_key, base_url=client_options.base_url, max_retries=2,
+                                timeout=max(client_options.timeout, 600.0))
+
+    def classify(exc: BaseException) -> Exception:
+        return classify_error(exc, client_options, api_key, key_env)
+
     try:
-        state = load_state(job.options.output)
+        try:
+            state = load_state(job.options.output)
+        except ValueError as exc:
+            raise FatalAPIError(str(exc)) from None
         await _submit(job, client, client_options, options, state)
-        await _poll_and_collect(job, client, options, state)
-    except openai.OpenAIError as exc:
-        error = classify_error(exc, client_options, api_key, key_env)
-        if isinstance(error, TransientError):
-            error = FatalAPIError(f"the Batch API kept failing ({error}); rerun the same command to go on: "
-                                  f"submitted batches are listed in {state_path(job.options.output)}")
-        raise error from None
+        await _poll_and_collect(job, client, options, state, classify)
+    except (openai.OpenAIError, _CreateError) as exc:
+        raise _batch_error(exc, classify(exc.__cause__ if isinstance(exc, _CreateError) else exc),
+                           job.options.output) from None
     finally:
         await client.close()
+
+
+def _batch_error(exc: Exception, error: Exception, output: Path) -> FatalAPIError:
+    """The message that stops a batch run: what failed, and how to go on without paying twice."""
+    where = f" (creating the batch for input file {exc.input_file_id})" if isinstance(exc, _CreateError) else ""
+    if isinstance(error, FatalAPIError):
+        return FatalAPIError(f"{error}{where}")
+    return FatalAPIError(
+        f"the Batch API failed{where}: {error}. Submitted batches are listed in {state_path(output)}; rerun the same "
+        "command with --batch to go on (if a batch for the input file named here shows up in your provider's "
+        "dashboard, cancel it or let it finish and collect it by hand first)."
+    )
 
 
 def run_batch(job: Job, client_options: ClientOptions, api_key: str, key_env: str,

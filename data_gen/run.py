@@ -329,6 +329,8 @@ def _run_guarded(job: Job, main: Any) -> Summary:
         job.summary.fatal = str(exc)
     except KeyboardInterrupt:
         job.summary.interrupted = True
+    except OSError as exc:  # a full disk or a vanished output folder: say so instead of a traceback
+        job.summary.fatal = f"stopped by an OS error: {exc}. Fix it (disk space, paths, permissions), then rerun."
     finally:
         job.summary.elapsed = time.monotonic() - start
         job.close()

@@ -151,6 +151,9 @@ class StubServer:
         self.api_key = api_key  # when set, other keys get a 401
         self.batch_polls = batch_polls  # GETs of a batch that still say in_progress
         self.batch_outcome = "completed"  # or "expired" / "failed": the batch ends without results
+        self.batch_get_faults = 0  # the next N status checks of a batch answer 503
+        self.batch_create_attempts = 0
+        self.batch_create_fault: str | None = None  # "500" or "insufficient_quota": every batch create fails
         self.rule: Callable[[dict[str, Any]], str | None] | None = None
         self.requests: list[dict[str, Any]] = []  # every chat request: {"fault", "body", "auth", "time"}
         self.files: dict[str, bytes] = {}
@@ -353,6 +356,11 @@ class _Handler(BaseHTTPRequestHandler):
         if len(parts) >= 3 and parts[-3] == "files" and parts[-1] == "content" and parts[-2] in stub.files:
             self._send(200, stub.files[parts[-2]])
         elif len(parts) >= 2 and parts[-2] == "batches" and parts[-1] in stub.batches:
+            with stub._lock:
+                fail, stub.batch_get_faults = stub.batch_get_faults > 0, max(0, stub.batch_get_faults - 1)
+            if fail:
+                self._send(503, _error("The server is overloaded.", "server_error", None))
+                return
             batch = stub.batches[parts[-1]]
             with stub._lock:
                 batch["_polls"] += 1
@@ -407,6 +415,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create_batch(self, body: dict[str, Any]) -> None:
         stub = self.stub
+        with stub._lock:
+            stub.batch_create_attempts += 1
+        if stub.batch_create_fault is not None:
+            status, headers, payload = stub.chat_response(body, stub.batch_create_fault)
+            self._send(status, payload, headers)
+            return
         if body.get("input_file_id") not in stub.files:
             self._send(400, _error("input file not found", "invalid_request_error", None))
             return

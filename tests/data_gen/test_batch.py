@@ -107,3 +107,27 @@ def test_batches_that_end_without_results_are_reported(tmp_path: Path, caption, 
     assert len(errors) == 3 and {e["reason"] for e in errors} == {f"batch_{outcome}"}
     if outcome == "failed":
         assert "stub: batch failed" in errors[0]["detail"]
+
+
+def test_status_check_hiccups_do_not_stop_a_batch(tmp_path: Path, caption) -> None:
+    make_images(tmp_path / "images", 2)
+    with StubServer() as stub:
+        stub.batch_get_faults = 3
+        result = caption(tmp_path / "images", "-o", tmp_path / "out.jsonl", *_batch_args(stub))
+        assert stub.batch_get_faults == 0
+    assert result.code == 0, result.stderr
+    assert result.stderr.count("trying again at the next poll") == 3
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 2
+
+
+@pytest.mark.parametrize(("fault", "message"), [("500", "the Batch API failed"), ("insufficient_quota", "no quota")])
+def test_batch_creation_is_never_retried_blindly(tmp_path: Path, caption, fault: str, message: str) -> None:
+    make_images(tmp_path / "images", 2)
+    with StubServer() as stub:
+        stub.batch_create_fault = fault
+        result = caption(tmp_path / "images", "-o", tmp_path / "out.jsonl", *_batch_args(stub))
+        assert stub.batch_create_attempts == 1  # a retried create could start a second, paid batch
+        input_file = next(iter(stub.files))
+    assert result.code == 3
+    assert message in result.stderr and f"input file {input_file}" in result.stderr
+    assert "Traceback" not in result.stderr
