@@ -253,8 +253,11 @@ def _string(obj: dict[str, Any], key: str) -> str:
 
 
 def parse_answer(task: Task, text: str) -> list[tuple[str, str]]:
-    """The answer text as (question, answer) turns; the first question is None-free but may be "" for
-    caption/detail, whose stored question is sampled separately. Raises AnswerError("malformed_json").
+    """The answer as (question, answer) turns; raises AnswerError("malformed_json") when it has no usable shape.
+
+    JSON (possibly fenced or wrapped in prose) is read first; otherwise prose: the whole text for caption and
+    detail, `Q:`/`A:` lines for conversation and reasoning. Caption and detail turns have question "": their
+    stored question is sampled from the instruction list instead.
     """
     obj = _find_json(text)
     if isinstance(obj, dict):

@@ -276,6 +276,13 @@ def test_every_option_is_documented_and_help_is_fast() -> None:
     add_caption_arguments(parser)
     undocumented = [a.dest for a in parser._actions if not a.help]
     assert undocumented == []
+    import data_gen.cli
+    import data_gen.export
+    import data_gen.images
+
+    # cli keeps its own copies of these (so that --help imports neither PIL nor export): they must agree
+    assert data_gen.cli.DETAILS == data_gen.images.DETAILS
+    assert data_gen.cli.EXPORT_FORMATS == data_gen.export.EXPORT_FORMATS
     options = {o for a in parser._actions for o in a.option_strings}
     assert {"--model", "--base-url", "--task", "--concurrency", "--rpm", "--timeout", "--max-retries", "--api-key-env",
             "--detail", "--dry-run", "--batch", "--prompt-file", "--seed", "--export"} <= options
