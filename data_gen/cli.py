@@ -181,6 +181,14 @@ def _fail(message: str) -> int:
 def run_caption(args: argparse.Namespace) -> int:
     """Run `llava-kit caption` with parsed arguments; returns the exit code (never raises for user errors)."""
     _setup_logging()
+    try:
+        return _run_caption(args)
+    except KeyboardInterrupt:  # during the scan or an export; the API phase handles Ctrl-C itself
+        log.warning("interrupted: finished images are saved; rerun the same command to continue")
+        return 130
+
+
+def _run_caption(args: argparse.Namespace) -> int:
     problems = _check(args)
     if problems:
         for problem in problems:
