@@ -1,0 +1,37 @@
+"""Run every benchmark in this folder and print their ratio lines: `python benchmarks/run.py`.
+
+Each benchmark is a standalone script that measures llava-kit against a reference in the same run
+and prints `name: ratio` lines; this runner executes them one after another (never in parallel: the
+ratios would measure each other) and repeats the ratio lines at the end.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ["caption_throughput.py"]
+RATIO_LINE = re.compile(r"^[a-z0-9_]+_vs_[a-z0-9_]+: [0-9.]+")
+
+
+def main() -> int:
+    ratios, failed = [], []
+    for name in BENCHMARKS:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        result = subprocess.run([sys.executable, str(HERE / name)], capture_output=True, text=True)
+        sys.stderr.write(result.stderr)
+        sys.stdout.write(result.stdout)
+        if result.returncode != 0:
+            failed.append(name)
+        ratios += [line for line in result.stdout.splitlines() if RATIO_LINE.match(line)]
+    print("\n".join(ratios))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
