@@ -263,7 +263,20 @@ def _load_square_processor(name_or_path: str, fallback_class, image_size: int):
     if getattr(processor, "do_center_crop", None) is not None:
         overrides["do_center_crop"] = False
     # Rebuilt through from_dict so the processor validates the new size itself (it becomes a SizeDict).
-    return type(processor).from_dict({**processor.to_dict(), **overrides})
+    return _pil_variant(type(processor)).from_dict({**processor.to_dict(), **overrides})
+
+
+def _pil_variant(processor_class: type) -> type:
+    """The PIL-backed twin of a transformers image processor class, when there is one.
+
+    In transformers 5 the default processors run on torchvision; on CPU they cost ~8 ms per small image,
+    the PIL ones ~0.5 ms (measured on 64-256 px images at 32 px). Same resize/normalise steps; pixel values
+    differ only by resampling antialias details.
+    """
+    import transformers
+
+    name = processor_class.__name__.removesuffix("Fast")
+    return getattr(transformers, f"{name}Pil", processor_class)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -155,8 +155,14 @@ def test_preprocess_resizes_the_whole_image_without_cropping(clip_tower, clip_di
     assert left.argmax() == 0 and right.argmax() == 2
     # On a square image it is exactly what the published processor (shortest-edge resize + centre crop) gives.
     square = _images()[0]
-    published = AutoImageProcessor.from_pretrained(clip_dir)(images=[square], return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(clip_tower.preprocess([square]), published)
+    published = AutoImageProcessor.from_pretrained(clip_dir)
+    ours = clip_tower.preprocess([square])
+    # Exactly what the published processor's PIL twin gives (the tower prefers it: ~15x faster on CPU) ...
+    pil_twin = type(clip_tower.image_processor).from_dict(published.to_dict())
+    torch.testing.assert_close(ours, pil_twin(images=[square], return_tensors="pt")["pixel_values"])
+    # ... and what the torchvision one gives, up to resampling details.
+    torch.testing.assert_close(ours, published(images=[square], return_tensors="pt")["pixel_values"],
+                               atol=0.05, rtol=0)
 
 
 def test_save_and_reload_gives_identical_features(clip_tower, siglip_dir, tmp_path):
