@@ -9,6 +9,7 @@ LLAVA_KIT_DEBUG=1 to see the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -29,14 +30,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg)
-    print(run_dir)
+    print(run_dir, file=args.results)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from llava_kit.export.merge import merge_run
 
-    print(merge_run(args.run_dir, args.output))
+    print(merge_run(args.run_dir, args.output), file=args.results)
     return 0
 
 
@@ -55,9 +56,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     session = _chat_session(args)
     if args.prompt is not None:
-        print(answer_once(session, args.image, args.prompt))
+        print(answer_once(session, args.image, args.prompt), file=args.results)
         return 0
-    run_repl(session, args.image)
+    run_repl(session, args.image, stdout=args.results)
     return 0
 
 
@@ -70,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         records = records[: args.limit]
     model, tokenizer, settings = load_for_inference(args.model)
     accuracy = evaluate(model, tokenizer, settings, records, args.image_root, args.max_new_tokens, args.predictions)
-    print(format_report(accuracy))
+    print(format_report(accuracy), file=args.results)
     return 0
 
 
@@ -78,7 +79,7 @@ def cmd_init_tiny(args: argparse.Namespace) -> int:
     from llava_kit.model.tiny import init_tiny
 
     paths = init_tiny(args.out_dir, seed=args.seed)
-    print(f"vision: {paths['vision']}\nllm: {paths['llm']}")
+    print(f"vision: {paths['vision']}\nllm: {paths['llm']}", file=args.results)
     return 0
 
 
@@ -90,21 +91,21 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         from llava_kit.config import load_config
         from llava_kit.model.build import build_llava
 
-        cfg = load_config(args.config, ["output_dir=unused"])
+        cfg = load_config(args.config, ["output_dir=unused"])  # a check writes nothing; any output_dir will do
         model, tokenizer = build_llava(cfg.model)
         tokens = TokenCheck(tokenizer, cfg.data.template, model.image_token_id, model.tokens_per_image,
                             cfg.data.max_seq_len)
     valid, bad = check_records(args.data, args.image_root, tokens)
     for record in bad:
-        print(f"{record.source}\t{record.id or '-'}\t{record.reason}")
-    print(f"valid: {valid} invalid: {len(bad)}")
+        print(f"{record.source}\t{record.id or '-'}\t{record.reason}", file=args.results)
+    print(f"valid: {valid} invalid: {len(bad)}", file=args.results)
     return 0 if not bad else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from llava_kit.demo import run_demo
 
-    return run_demo(args.workdir, quick=args.quick)
+    return run_demo(args.workdir, quick=args.quick, results=args.results)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_init_tiny)
 
     p = sub.add_parser("train", help="train any stage from a YAML config",
-                       description="Train a stage (pretrain, sft) from CONFIG.yaml; `key=value` arguments override "
+                       description="Train a stage (pretrain, sft, text-pt) from CONFIG.yaml; `key=value` arguments override "
                                    "config keys (e.g. output_dir=runs/x train.max_steps=100 model.lora.r=16).")
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys, dotted for nesting")
@@ -212,10 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    args.results = sys.stdout
     if args.command != "caption":
         setup_logging(args.verbose)
     try:
-        return int(args.handler(args) or 0)
+        if args.command == "caption":  # torch-free; manages its own output
+            return int(args.handler(args) or 0)
+        # Libraries print notices on import and during training (DeepSpeed, the Trainer's log dicts); only
+        # results belong on stdout, so everything printed goes to stderr and handlers write to args.results.
+        with contextlib.redirect_stdout(sys.stderr):
+            return int(args.handler(args) or 0)
     except USER_ERRORS as err:
         if os.environ.get("LLAVA_KIT_DEBUG"):
             raise

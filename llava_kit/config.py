@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "text-pt")
 MULTIMODAL_STAGES = ("pretrain", "sft")
+TEXT_STAGES = ("text-pt",)
 
 
 class ConfigError(ValueError):
@@ -155,8 +156,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    stage: Literal["pretrain", "sft"] = "pretrain"
-    """pretrain (projector only) or sft (projector + LoRA on the LLM)."""
+    stage: Literal["pretrain", "sft", "text-pt"] = "pretrain"
+    """pretrain (projector only), sft (projector + LoRA on the LLM), text-pt (the LLM alone on raw text)."""
     output_dir: str = ""
     """The run directory: resolved config, trained weights, metrics, loss plot, checkpoints."""
     seed: int = 0
@@ -170,6 +171,8 @@ class RunConfig:
         t.vision = t.vision or "frozen"
         t.projector = t.projector or "full"
         t.llm = t.llm or ("frozen" if self.stage == "pretrain" else "lora")
+        if self.stage in TEXT_STAGES:  # no tower, no projector in a text-only run
+            t.vision, t.projector = "frozen", "frozen"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +294,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         close = difflib.get_close_matches(cfg.data.template, TEMPLATE_NAMES, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else ""
         problems.append(f"`data.template` is {cfg.data.template!r}{hint} (valid: {', '.join(TEMPLATE_NAMES)})")
+    if cfg.stage in TEXT_STAGES and cfg.model.trainable.llm == "frozen":
+        problems.append(f"stage `{cfg.stage}` trains the LLM; set `model.trainable.llm` to lora or full")
     if cfg.stage == "pretrain" and cfg.model.trainable.llm not in (None, "frozen"):
         problems.append("stage `pretrain` trains only the projector; remove `model.trainable.llm` or use stage `sft`")
     if cfg.data.max_seq_len < 16:

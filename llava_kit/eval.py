@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from llava_kit.data.images import resolve_image_path
 from llava_kit.data.shapes import ShapeSpec, score_answer
-from llava_kit.serve.chat import ChatSession, GenerationSettings, answer_once
+from llava_kit.serve.chat import ChatSession, GenerationSettings, answer_batch, answer_once
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +50,24 @@ def read_eval_records(path: str | Path) -> list[dict]:
 
 
 def evaluate(model, tokenizer, settings, records: list[dict], image_root: str | Path,
-             max_new_tokens: int = 32, predictions_path: str | Path | None = None) -> dict[str, float]:
-    """Answer every record in a fresh conversation; returns accuracy per kind and overall ("all")."""
+             max_new_tokens: int = 32, predictions_path: str | Path | None = None,
+             batch_size: int = 32) -> dict[str, float]:
+    """Answer every record in a fresh conversation; returns accuracy per kind and overall ("all").
+
+    Questions are answered `batch_size` at a time (greedy; the same answers as one by one).
+    """
     session = ChatSession(model, tokenizer, settings, GenerationSettings(max_new_tokens=max_new_tokens))
     right, total = defaultdict(int), defaultdict(int)
-    rows = []
-    for record in tqdm(records, desc="eval", unit="q", dynamic_ncols=True):
-        image = str(resolve_image_path(record["image"], image_root)) if record.get("image") else None
-        answer = answer_once(session, image, record["question"])
+    rows, answers = [], []
+    progress = tqdm(total=len(records), desc="eval", unit="q", dynamic_ncols=True)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        questions = [(str(resolve_image_path(r["image"], image_root)) if r.get("image") else None, r["question"])
+                     for r in chunk]
+        answers += answer_batch(session, questions) if batch_size > 1 else [answer_once(session, *questions[0])]
+        progress.update(len(chunk))
+    progress.close()
+    for record, answer in zip(records, answers, strict=True):
         ok = score_record(record, answer)
         kind = record.get("kind", "all")
         for key in {kind, "all"}:

@@ -62,6 +62,14 @@ def check_image_file(image: str, image_root: str) -> str:
     return str(path)
 
 
+def reject(report: DataReport, bad: BadRecord, policy: str) -> None:
+    """Apply the bad-record policy: record it in the report (`skip`) or stop the run (`error`)."""
+    if policy == "error":
+        raise BadRecordError(f"bad record {bad.source} (id {bad.id}): {bad.reason}; "
+                             "fix it, or set data.bad_records=skip to skip and report bad records")
+    report.skipped.append(bad)
+
+
 @dataclass
 class Example:
     input_ids: list[int]
@@ -99,10 +107,7 @@ class LlavaDataset(Dataset):
                                  "run `llava-kit data check` on the data")
 
     def _reject(self, bad: BadRecord, policy: str) -> None:
-        if policy == "error":
-            raise BadRecordError(f"bad record {bad.source} (id {bad.id}): {bad.reason}; "
-                                 "fix it, or set data.bad_records=skip to skip and report bad records")
-        self.report.skipped.append(bad)
+        reject(self.report, bad, policy)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -124,6 +129,33 @@ class LlavaDataset(Dataset):
                     raise ImageLoadError(f"{path}: {err}; run `llava-kit data check` to find such files") from None
             item["pixel_values"] = self.image_preprocess(images)  # [n_images, 3, H, W]
         return item
+
+
+class TextDataset(Dataset):
+    """`text-pt` documents: `<bos> text <eos>`, loss on every token (see data/text.py)."""
+
+    def __init__(self, documents: list[tuple[str, str]], tokenizer, max_seq_len: int, bad_records: str = "skip",
+                 prior_bad: list[BadRecord] | None = None):
+        from llava_kit.data.text import encode_document
+
+        self.report = DataReport(total=len(documents) + len(prior_bad or []))
+        for bad in prior_bad or []:
+            reject(self.report, bad, bad_records)
+        self.examples = []
+        for _, text in documents:
+            ids, labels, truncated = encode_document(text, tokenizer, max_seq_len)
+            self.report.truncated += truncated
+            self.examples.append(Example(ids, labels, []))
+        self.report.kept = len(self.examples)
+        if not self.examples:
+            raise BadRecordError("no usable documents: every record was skipped (see the reasons above)")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        return {"input_ids": torch.tensor(example.input_ids), "labels": torch.tensor(example.labels)}
 
 
 @dataclass

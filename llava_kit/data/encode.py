@@ -64,14 +64,13 @@ def _expand_images(ids: list[int], labels: list[int], image_token_id: int,
     return out_ids, out_labels
 
 
-def _truncate(ids: list[int], labels: list[int], image_token_id: int, max_seq_len: int) -> tuple[list, list, int]:
+def _truncate(ids: list[int], labels: list[int], image_token_id: int, max_seq_len: int) -> tuple[list, list]:
     """Cut to max_seq_len, moving the cut before any image block it would split."""
     cut = max_seq_len
     if ids[cut - 1] == image_token_id and ids[cut] == image_token_id:
         while cut > 0 and ids[cut - 1] == image_token_id:
             cut -= 1
-    ids, labels = ids[:cut], labels[:cut]
-    return ids, labels, cut
+    return ids[:cut], labels[:cut]
 
 
 def encode_messages(messages: list[dict], tokenizer, template: str, image_token_id: int, tokens_per_image: int,
@@ -93,7 +92,7 @@ def encode_messages(messages: list[dict], tokenizer, template: str, image_token_
 
     truncated = len(ids) > max_seq_len
     if truncated:
-        ids, labels, _ = _truncate(ids, labels, image_token_id, max_seq_len)
+        ids, labels = _truncate(ids, labels, image_token_id, max_seq_len)
         n_images = ids.count(image_token_id) // tokens_per_image
     if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
         why = "truncated away by max_seq_len" if truncated else "the answers are empty or the template matched none"

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava_kit.data.templates import IMAGE_TOKEN
-from llava_kit.model.llava import LlavaModel, causal_lm_of
+from llava_kit.model.llava import LlavaModel
 from llava_kit.train.checkpoint import PROJECTOR_WEIGHTS, load_run, projector_spec, save_projector
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,33 @@ class InferenceSettings:
     max_seq_len: int
 
 
+def merge_text_run(run_dir: Path, cfg, out_dir: Path) -> Path:
+    """A text run (`text-pt`) merges into a plain transformers model directory (LoRA folded in)."""
+    from llava_kit.model.build import load_llm, load_tokenizer
+
+    if (run_dir / "llm").is_dir():
+        llm, tokenizer = load_llm(str(run_dir / "llm")), load_tokenizer(str(run_dir / "llm"))
+    else:
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(load_llm(cfg.model.llm.name_or_path), str(run_dir / "adapter"))
+        llm, tokenizer = llm.merge_and_unload(), load_tokenizer(str(run_dir / "tokenizer"))
+    llm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    logger.info("merged text run %s into %s (a plain transformers model directory)", run_dir, out_dir)
+    return out_dir
+
+
 def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold the run's LoRA into its LLM and write a standalone model directory."""
+    from llava_kit.config import TEXT_STAGES, load_saved_config
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if load_saved_config(run_dir).stage in TEXT_STAGES:
+        return merge_text_run(run_dir, load_saved_config(run_dir), out_dir)
     model, tokenizer, cfg = load_run(run_dir)
     if hasattr(model.language_model, "merge_and_unload"):
         model.language_model = model.language_model.merge_and_unload()
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.vision_tower.save_pretrained(out_dir / "vision")
     model.language_model.save_pretrained(out_dir / "llm")
@@ -87,12 +108,14 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32
     if (model_dir / MERGED_SPEC).is_file():
         return load_merged(model_dir, dtype)
     if (model_dir / "config.yaml").is_file():
+        from llava_kit.config import TEXT_STAGES, load_saved_config
+
+        if load_saved_config(model_dir).stage in TEXT_STAGES:
+            raise ValueError(f"{model_dir} is a text-only run: it has no vision tower or projector; use its LLM "
+                             "(`llava-kit merge` gives a transformers model dir) as model.llm of a pretrain run")
         model, tokenizer, cfg = load_run(model_dir, dtype)
         return model, tokenizer, InferenceSettings(cfg.data.template, cfg.data.system_prompt,
                                                    cfg.data.image_aspect, cfg.data.max_seq_len)
     raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}) nor a run directory (config.yaml); "
                             "give the output of `llava-kit merge` or of `llava-kit train`")
 
-
-def count_llm_parameters(model: LlavaModel) -> int:
-    return sum(p.numel() for p in causal_lm_of(model.language_model).parameters())

@@ -87,6 +87,17 @@ def save_trained_weights(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: 
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
 
+def save_text_run(model, tokenizer, cfg: RunConfig, out_dir: str | Path) -> None:
+    """A text run: `llm/` (a complete transformers model dir with its tokenizer) or `adapter/` + `tokenizer/`."""
+    out_dir = Path(out_dir)
+    if cfg.model.trainable.llm == "lora":
+        model.save_pretrained(out_dir / "adapter")
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+    else:
+        model.save_pretrained(out_dir / "llm")
+        tokenizer.save_pretrained(out_dir / "llm")
+
+
 def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LlavaModel, object, RunConfig]:
     """Rebuild the model a run trained: base from config.yaml, then its projector, adapter, full weights."""
     from llava_kit.model.build import build_llava

@@ -20,13 +20,14 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from llava_kit.config import RunConfig, save_config
-from llava_kit.data.dataset import Collator, LlavaDataset
+from llava_kit.config import TEXT_STAGES, RunConfig, save_config
+from llava_kit.data.dataset import Collator, LlavaDataset, TextDataset
 from llava_kit.data.formats import read_llava
-from llava_kit.model.build import build_llava
-from llava_kit.train.checkpoint import load_projector, save_trained_weights
+from llava_kit.data.text import read_text_documents
+from llava_kit.model.build import build_llava, load_llm, load_tokenizer
+from llava_kit.train.checkpoint import load_projector, save_text_run, save_trained_weights
 from llava_kit.train.plots import plot_loss
-from llava_kit.train.trainable import apply_trainability
+from llava_kit.train.trainable import apply_trainability, peft_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,21 @@ class LlavaTrainer(Trainer):
         model.load_state_dict(state, strict=False)
 
 
+def build_text_model(cfg: RunConfig):
+    """The LLM alone for text stages: full fine-tuning or LoRA, as `model.trainable.llm` says."""
+    from peft import get_peft_model
+
+    tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path)
+    llm = load_llm(cfg.model.llm.name_or_path)
+    if cfg.model.trainable.llm == "lora":
+        llm = get_peft_model(llm, peft_lora_config(cfg.model.lora))
+    else:
+        llm.requires_grad_(True)
+    trained = sum(p.numel() for p in llm.parameters() if p.requires_grad)
+    logger.info("trainable language_model %s / %s", f"{trained:,}", f"{sum(p.numel() for p in llm.parameters()):,}")
+    return llm, tokenizer
+
+
 def choose_precision(precision: str, use_cpu: bool) -> str:
     """`auto` -> bf16 on a GPU that supports it, else fp32."""
     if precision != "auto":
@@ -122,15 +138,21 @@ def train(cfg: RunConfig) -> Path:
     precision = choose_precision(cfg.train.precision, cfg.train.use_cpu)
     logger.info("stage %s -> %s (precision %s)", cfg.stage, run_dir, precision)
 
-    model, tokenizer = build_llava(cfg.model, torch.float32)
-    if cfg.model.init_from:
-        load_projector(model, cfg.model.init_from)
-        logger.info("projector initialised from %s", cfg.model.init_from)
-    apply_trainability(model, cfg.model.trainable, cfg.model.lora)
+    text_only = cfg.stage in TEXT_STAGES
+    if text_only:
+        model, tokenizer = build_text_model(cfg)
+        documents, bad = read_text_documents(cfg.data.path)
+        dataset = TextDataset(documents, tokenizer, cfg.data.max_seq_len, cfg.data.bad_records, bad)
+    else:
+        model, tokenizer = build_llava(cfg.model, torch.float32)
+        if cfg.model.init_from:
+            load_projector(model, cfg.model.init_from)
+            logger.info("projector initialised from %s", cfg.model.init_from)
+        apply_trainability(model, cfg.model.trainable, cfg.model.lora)
+        dataset = build_dataset(cfg, model, tokenizer)
     if cfg.train.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    dataset = build_dataset(cfg, model, tokenizer)
+        lm = model if text_only else model.language_model
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dataset.report.log()
     (run_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
 
@@ -145,7 +167,7 @@ def train(cfg: RunConfig) -> Path:
     trainer.train(resume_from_checkpoint=resume)
 
     if trainer.is_world_process_zero():
-        save_trained_weights(model, tokenizer, cfg, run_dir)
+        (save_text_run if text_only else save_trained_weights)(model, tokenizer, cfg, run_dir)
         history = trainer.state.log_history
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         plot_loss(history, run_dir / "loss.png", title=f"{cfg.stage}: {run_dir.name}")

@@ -1,0 +1,188 @@
+"""The demo: synthetic shapes -> tiny models -> text-pt -> pretrain -> sft -> merge -> eval, offline, on a CPU.
+
+    llava-kit demo [--workdir demo_workdir]
+
+Every stage runs through the code a user runs: the configs are written into WORKDIR/configs and
+trained with the same `train()` as `llava-kit train`, merged with `llava-kit merge`'s function and
+scored with `llava-kit eval`'s (answers come from the chat code path). Steps:
+
+1. data      WORKDIR/data: train images with captions (pretrain.json) and QA (sft.json), eval.jsonl
+2. models    WORKDIR/models: a tiny random CLIP vision tower and a tiny random Llama + BPE tokenizer
+3. warm-up   the tiny tower gets a short supervised pretraining on the train split (tower_warmup.py
+             says why: it stands in for CLIP's pretraining), then stays frozen
+4. text-pt   the tiny LLM learns the training captions as plain text (stage `text-pt`), standing in
+             for a real LLM's language pretraining; without it projector-only training has nothing to
+             steer (its loss stays at ~5.6)
+5. pretrain  projector only (tower and LLM frozen), `plain` template: image -> caption
+6. sft       projector + the full tiny LLM, `chatml` template: the three questions per image
+7. merge     WORKDIR/merged, a standalone model for `llava-kit chat`
+8. eval      held-out images, each question in a fresh conversation (batched greedy generation: the
+             same answers as one by one); prints accuracy per question kind and, last, `accuracy: X.XX`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llava_kit.model.tiny import TinyLLMSpec, TinyVisionSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoRecipe:
+    """Every number of the demo. Chosen by measurement: see docs/demo.md."""
+
+    n_train: int = 6000
+    n_eval: int = 100
+    """Held-out images; each is asked the three questions."""
+    vision: TinyVisionSpec = field(default_factory=lambda: TinyVisionSpec(
+        image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=512))
+    llm: TinyLLMSpec = field(default_factory=lambda: TinyLLMSpec(
+        vocab_size=600, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=320, max_position_embeddings=512))
+    image_aspect: str = "resize"
+    warmup_steps: int = 800
+    warmup_lr: float = 2e-3
+    warmup_batch_size: int = 64
+    text_pt_steps: int = 200
+    text_pt_lr: float = 1e-3
+    text_pt_batch_size: int = 32
+    pretrain_steps: int = 200
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 32
+    sft_steps: int = 1400
+    sft_lr: float = 1e-3
+    sft_projector_lr: float = 1e-3
+    sft_batch_size: int = 16
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> DemoRecipe:
+        """A few steps of everything: checks the pipeline end to end in about a minute (accuracy stays low)."""
+        return cls(n_train=96, n_eval=8, warmup_steps=10, text_pt_steps=5, pretrain_steps=5, sft_steps=10)
+
+
+def write_configs(recipe: DemoRecipe, workdir: Path, data: dict, models: dict) -> dict[str, Path]:
+    """Write the configs the demo trains with (users can rerun them with `llava-kit train`)."""
+    common_train = {"lr_scheduler": "cosine", "lr_warmup_ratio": 0.05, "logging_steps": 50, "save_steps": 100000,
+                     "save_total_limit": 1, "report_to": "none", "use_cpu": True, "weight_decay": 0.0}
+    text_pt = {
+        "stage": "text-pt", "output_dir": str(workdir / "runs" / "text-pt"), "seed": recipe.seed,
+        "model": {"llm": {"name_or_path": str(models["llm"])}, "trainable": {"llm": "full"}},
+        "data": {"path": str(data["captions"]), "max_seq_len": 64},
+        "train": {**common_train, "micro_batch_size": recipe.text_pt_batch_size, "max_steps": recipe.text_pt_steps,
+                  "learning_rate": recipe.text_pt_lr},
+    }
+    # pretrain and sft use the text-pretrained LLM: a plain transformers model directory
+    common_model = {"vision": {"name_or_path": str(models["vision"]), "feature_layer": -2, "select_strategy": "patch"},
+                    "llm": {"name_or_path": str(workdir / "runs" / "text-pt" / "llm")},
+                    "projector": {"name": "mlp2x_gelu"}}
+    data_common = {"image_root": str(data["images"]), "image_aspect": recipe.image_aspect, "max_seq_len": 256}
+    pretrain = {
+        "stage": "pretrain", "output_dir": str(workdir / "runs" / "pretrain"), "seed": recipe.seed,
+        "model": common_model,
+        "data": {**data_common, "path": str(data["pretrain"]), "template": "plain"},
+        "train": {**common_train, "micro_batch_size": recipe.pretrain_batch_size, "max_steps": recipe.pretrain_steps,
+                  "learning_rate": recipe.pretrain_lr},
+    }
+    sft = {
+        "stage": "sft", "output_dir": str(workdir / "runs" / "sft"), "seed": recipe.seed,
+        "model": {**common_model, "init_from": pretrain["output_dir"],
+                  "trainable": {"vision": "frozen", "projector": "full", "llm": "full"}},
+        "data": {**data_common, "path": str(data["sft"]), "template": "chatml", "system_prompt": ""},
+        "train": {**common_train, "micro_batch_size": recipe.sft_batch_size, "max_steps": recipe.sft_steps,
+                  "learning_rate": recipe.sft_lr, "projector_learning_rate": recipe.sft_projector_lr},
+    }
+    paths = {}
+    (workdir / "configs").mkdir(parents=True, exist_ok=True)
+    for name, cfg in (("text-pt", text_pt), ("pretrain", pretrain), ("sft", sft)):
+        paths[name] = workdir / "configs" / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return paths
+
+
+def write_caption_corpus(pretrain_json: Path, out: Path) -> Path:
+    """The training captions as a text-pt corpus (JSONL `text`): the LLM learns the words before the images."""
+    records = json.loads(pretrain_json.read_text())
+    out.write_text("".join(json.dumps({"text": r["conversations"][1]["value"]}) + "\n" for r in records))
+    return out
+
+
+def _stage(name: str, timings: dict):
+    """Context manager that logs a stage banner and records its duration."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def timed():
+        logger.info("=== demo: %s ===", name)
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
+        logger.info("=== demo: %s done in %.0f s ===", name, timings[name])
+
+    return timed()
+
+
+def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: DemoRecipe | None = None,
+             results=None) -> int:
+    """Run the whole demo; prints the eval report (last line `accuracy: X.XX`) to `results` (stdout)."""
+    import torch
+
+    from llava_kit.config import load_config
+    from llava_kit.data.shapes import write_shapes_dataset
+    from llava_kit.demo.tower_warmup import labels_from_caption, warm_up_tower
+    from llava_kit.eval import evaluate, format_report, read_eval_records
+    from llava_kit.export.merge import load_for_inference, merge_run
+    from llava_kit.model.tiny import init_tiny
+    from llava_kit.train.engine import train
+
+    recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    timings: dict[str, float] = {}
+    logger.info("demo in %s (%s recipe)", workdir, "quick" if quick else "full")
+
+    with _stage("data", timings):
+        data = write_shapes_dataset(workdir / "data", recipe.n_train, recipe.n_eval, seed=recipe.seed)
+    with _stage("models", timings):
+        models = init_tiny(workdir / "models", recipe.vision, recipe.llm, seed=recipe.seed)
+    with _stage("tower warm-up", timings):
+        records = json.loads(Path(data["pretrain"]).read_text())
+        images = [Path(data["images"]) / r["image"] for r in records]
+        labels = [labels_from_caption(r["conversations"][1]["value"]) for r in records]
+        warm_up_tower(models["vision"], images, labels, recipe.warmup_steps, recipe.warmup_lr,
+                      recipe.warmup_batch_size, recipe.image_aspect, recipe.seed)
+    data["captions"] = write_caption_corpus(Path(data["pretrain"]), workdir / "data" / "captions.jsonl")
+    configs = write_configs(recipe, workdir, data, models)
+    with _stage("text-pt", timings):
+        train(load_config(configs["text-pt"]))
+    with _stage("pretrain", timings):
+        train(load_config(configs["pretrain"]))
+    with _stage("sft", timings):
+        sft_dir = train(load_config(configs["sft"]))
+    with _stage("merge", timings):
+        merged = merge_run(sft_dir, workdir / "merged")
+    with _stage("eval", timings):
+        model, tokenizer, settings = load_for_inference(merged)
+        eval_records = read_eval_records(data["eval"])
+        accuracy = evaluate(model, tokenizer, settings, eval_records, data["images"], max_new_tokens=24,
+                            predictions_path=workdir / "eval_predictions.jsonl")
+    summary = {"accuracy": accuracy, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "recipe": asdict(recipe)}
+    (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info("demo finished in %.0f s: %s", sum(timings.values()),
+                ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    logger.info("chat with it: llava-kit chat --model %s --image %s", merged,
+                Path(data["images"]) / eval_records[0]["image"])
+    print(format_report(accuracy), file=results or sys.stdout)
+    return 0
