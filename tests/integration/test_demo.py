@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_kit.data.shapes import COLORS, QUESTIONS, SHAPES, ShapeSpec, draw_spec, score_answer
+from llava_kit.data.shapes import COLORS, QUESTIONS, SHAPES, ShapeSpec, draw_spec, random_spec, score_answer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,14 +36,12 @@ def test_quick_demo_runs_every_stage(tmp_path):
 
 
 def fresh_images(folder: Path, n: int, seed: int) -> list[tuple[Path, ShapeSpec]]:
-    """Shapes drawn to the same spec, at sizes and aspect ratios the demo's data did not use."""
+    """New images drawn to the task's spec (sides 96-256 px, so other sizes and aspect ratios than the demo's)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
-        width, height = rng.choice([(300, 120), (90, 240), (400, 400), (180, 90), (72, 72)])
-        spec = ShapeSpec(shape=SHAPES[i % len(SHAPES)], color=list(COLORS)[i % len(COLORS)], width=width,
-                         height=height, background=rng.choice(["white", "light gray"]))
+        spec = random_spec(rng, SHAPES[i % len(SHAPES)], list(COLORS)[i % len(COLORS)])
         path = folder / f"{i:03d}.png"
         draw_spec(rng, spec).save(path)
         out.append((path, spec))
@@ -61,7 +59,7 @@ def test_demo_learns_shapes_and_colours(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == f"accuracy: {accuracy['all']:.2f}"
 
     right = {"shape": 0, "color": 0}
-    images = fresh_images(tmp_path / "fresh", 24, seed=7)
+    images = fresh_images(tmp_path / "fresh", 40, seed=7)
     for path, spec in images:
         for kind in right:
             answer = run_cli("chat", "--model", str(tmp_path / "merged"), "--image", str(path),
