@@ -30,7 +30,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg)
-    print(run_dir, file=args.results)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/deepspeed every rank returns here
+        print(run_dir, file=args.results)
     return 0
 
 

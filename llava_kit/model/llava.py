@@ -23,6 +23,10 @@ def causal_lm_of(language_model):
 class LlavaModel(nn.Module):
     """Vision tower + projector + language model, trained and served as one module."""
 
+    # Tells the HF Trainer that forward() takes `num_items_in_batch` (the supervised tokens of the whole
+    # accumulated, all-process batch) and returns sum / num_items_in_batch, as transformers' causal LMs do.
+    accepts_loss_kwargs = True
+
     def __init__(self, vision_tower: nn.Module, multi_modal_projector: nn.Module, language_model: nn.Module,
                  image_token_id: int):
         super().__init__()
@@ -72,8 +76,13 @@ class LlavaModel(nn.Module):
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1]))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
-        """With labels: {"loss"}; the LM head runs only where a label is set. Without: the LM's output."""
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs):
+        """With labels: {"loss"}; the LM head runs only where a label is set. Without: the LM's output.
+
+        The loss is the mean over this batch's supervised tokens, or, when the Trainer passes
+        `num_items_in_batch`, their sum divided by it (token-weighted across accumulation and processes).
+        """
         inputs_embeds = self.embed(input_ids, pixel_values)
         if labels is None:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
@@ -86,7 +95,9 @@ class LlavaModel(nn.Module):
         logits = lm.get_output_embeddings()(hidden[:, :-1][keep])  # [n_labelled, vocab]
         if logits.shape[0] == 0:  # a batch with nothing to learn: a zero loss that keeps the graph
             return {"loss": hidden.sum() * 0.0}
-        loss = F.cross_entropy(logits.float(), targets[keep])
+        if num_items_in_batch is None:
+            return {"loss": F.cross_entropy(logits.float(), targets[keep])}
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / num_items_in_batch
         return {"loss": loss}
 
     @torch.no_grad()

@@ -63,6 +63,11 @@ def test_any_causal_lm_family(family, tiny_dirs, tmp_path):
         reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                     ignore_index=IGNORE_INDEX)
     assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
+    # the Trainer's token-weighted form: the sum over this batch's tokens / the global token count
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        weighted = model(input_ids, attention_mask, pixel_values, labels, num_items_in_batch=torch.tensor(2 * n))
+    assert torch.allclose(weighted["loss"], reference / 2, atol=1e-5)
 
     # the image really reaches the LLM: other pixels, other logits at the text positions
     with torch.no_grad():
