@@ -103,8 +103,9 @@ def init_tiny_llm(out_dir: str | Path, spec: TinyLLMSpec | None = None, seed: in
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng():  # seeded weights without resetting the caller's random state
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -119,8 +120,9 @@ def init_tiny_vision(out_dir: str | Path, spec: TinyVisionSpec | None = None, se
     spec = spec or TinyVisionSpec()
     out_dir = Path(out_dir)
     config = CLIPVisionConfig(**asdict(spec), projection_dim=spec.hidden_size)
-    torch.manual_seed(seed)
-    model = CLIPVisionModel(config)
+    with torch.random.fork_rng():  # seeded weights without resetting the caller's random state
+        torch.manual_seed(seed)
+        model = CLIPVisionModel(config)
     model.save_pretrained(out_dir)
     size = spec.image_size
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
