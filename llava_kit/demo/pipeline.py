@@ -157,6 +157,9 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     with _stage("models", timings):
         models = init_tiny(workdir / "models", recipe.vision, recipe.llm, seed=recipe.seed)
     with _stage("tower warm-up", timings):
+        logger.info("a real tower arrives pretrained; this tiny random one gets a short supervised warm-up on the "
+                    "training images (shape/colour), then stays frozen; held-out images are never used "
+                    "(docs/demo.md)")
         records = json.loads(Path(data["pretrain"]).read_text())
         images = [Path(data["images"]) / r["image"] for r in records]
         labels = [labels_from_caption(r["conversations"][1]["value"]) for r in records]
@@ -165,6 +168,8 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     data["captions"] = write_caption_corpus(Path(data["pretrain"]), workdir / "data" / "captions.jsonl")
     configs = write_configs(recipe, workdir, data, models)
     with _stage("text-pt", timings):
+        logger.info("the tiny random LLM first learns the training captions as plain text, standing in for a "
+                    "real LLM's language pretraining")
         train(load_config(configs["text-pt"]))
     with _stage("pretrain", timings):
         train(load_config(configs["pretrain"]))
