@@ -62,8 +62,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     from llava_kit.config import TEXT_STAGES, load_saved_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if load_saved_config(run_dir).stage in TEXT_STAGES:
-        return merge_text_run(run_dir, load_saved_config(run_dir), out_dir)
+    saved = load_saved_config(run_dir)
+    if saved.stage in TEXT_STAGES:
+        return merge_text_run(run_dir, saved, out_dir)
     model, tokenizer, cfg = load_run(run_dir)
     if hasattr(model.language_model, "merge_and_unload"):
         model.language_model = model.language_model.merge_and_unload()

@@ -40,10 +40,6 @@ def test_sft_from_pretrain_merge_and_chat(make_config, tmp_path):
     pretrain_dir = train(make_config("pretrain"))
     cfg = make_config("sft", stage="sft", **{"model.init_from": str(pretrain_dir), "train.max_steps": 3,
                                              "train.projector_learning_rate": 2e-3})
-    # the sft run starts from the pretrain projector
-    start, _ = build_llava(cfg.model)
-    from llava_kit.train.checkpoint import load_projector
-    load_projector(start, pretrain_dir)
     sft_dir = train(cfg)
     assert (sft_dir / "adapter" / "adapter_model.safetensors").is_file()
     adapter = load_file(str(sft_dir / "adapter" / "adapter_model.safetensors"))
