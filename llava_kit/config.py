@@ -114,6 +114,11 @@ class DataConfig:
     """`skip` drops and reports bad records; `error` stops at the first one."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    feature_cache: Literal["auto", "off"] = "auto"
+    """`auto`: with a frozen vision tower, encode each image once (fp16 on disk) and train from the cached
+    features; reruns over the same images skip the tower entirely. `off`: run the tower every step."""
+    feature_cache_dir: str = ""
+    """Where cached features live; empty means `$LLAVA_KIT_HOME/feature_cache` (~/.cache/llava-kit/...)."""
 
 
 @dataclass

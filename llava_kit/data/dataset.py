@@ -85,6 +85,7 @@ class LlavaDataset(Dataset):
                  image_mean=(0.5, 0.5, 0.5), system_prompt: str | None = None, bad_records: str = "skip",
                  prior_bad: list[BadRecord] | None = None):
         self.image_aspect = image_aspect
+        self.feature_reader = None  # set by use_feature_cache(): items then carry tower features, not pixels
         self.image_preprocess = image_preprocess  # list[PIL] -> [n, 3, H, W]
         self.image_mean = image_mean
         self.report = DataReport(total=len(samples) + len(prior_bad or []))
@@ -117,10 +118,25 @@ class LlavaDataset(Dataset):
         """Token counts, for length-grouped sampling."""
         return [len(e.input_ids) for e in self.examples]
 
+    @property
+    def image_paths(self) -> list[str]:
+        """Every image the kept examples use (with repeats)."""
+        return [path for e in self.examples for path in e.image_paths]
+
+    def use_feature_cache(self, reader) -> None:
+        """Serve cached tower features (`vision_features`) instead of pixels; see data/feature_cache.py."""
+        missing = [p for p in self.image_paths if p not in reader]
+        if missing:
+            raise ValueError(f"the feature cache lacks {len(missing)} image(s) of this dataset, e.g. {missing[0]}")
+        self.feature_reader = reader
+
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
         item = {"input_ids": torch.tensor(example.input_ids), "labels": torch.tensor(example.labels)}
-        if example.image_paths:
+        if example.image_paths and self.feature_reader is not None:
+            # [n_images, num_tokens, width] float16: the frozen tower's output, read from the memory map
+            item["vision_features"] = torch.stack([self.feature_reader(p) for p in example.image_paths])
+        elif example.image_paths:
             images = []
             for path in example.image_paths:
                 try:
@@ -178,4 +194,7 @@ class Collator:
         images = [i["pixel_values"] for i in items if "pixel_values" in i]
         if images:
             batch["pixel_values"] = torch.cat(images)  # [total_images, 3, H, W], batch order
+        features = [i["vision_features"] for i in items if "vision_features" in i]
+        if features:
+            batch["vision_features"] = torch.cat(features)  # [total_images, num_tokens, width], batch order
         return batch

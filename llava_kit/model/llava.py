@@ -43,13 +43,18 @@ class LlavaModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.multi_modal_projector.parameters()).device
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n_images, 3, H, W] -> [n_images, tokens_per_image, llm_width]."""
-        tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-        tower_dtype = next(self.vision_tower.parameters()).dtype
-        # A frozen tower needs no autograd graph: skipping it saves the activations' memory.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
-            features = self.vision_tower.encode(pixel_values.to(tower_dtype))  # [n_images, n_patches, C]
+    def get_image_features(self, pixel_values: torch.Tensor | None = None,
+                           vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_images, 3, H, W] pixels, or the tower's output [n_images, n_patches, C] already computed (the
+        frozen-feature cache) -> [n_images, tokens_per_image, llm_width]."""
+        if vision_features is not None:
+            features = vision_features.to(self.device)
+        else:
+            tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+            tower_dtype = next(self.vision_tower.parameters()).dtype
+            # A frozen tower needs no autograd graph: skipping it saves the activations' memory.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
+                features = self.vision_tower.encode(pixel_values.to(tower_dtype))  # [n_images, n_patches, C]
         projector_dtype = next(self.multi_modal_projector.parameters()).dtype
         return self.multi_modal_projector(features.to(projector_dtype))
 
@@ -62,32 +67,37 @@ class LlavaModel(nn.Module):
                              f"for {image_features.shape[0]} image(s) x {image_features.shape[1]} tokens")
         return mask
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features scattered into the placeholders: [batch, seq, d]."""
         embeddings = causal_lm_of(self.language_model).get_input_embeddings()
         inputs_embeds = embeddings(input_ids)
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        images = vision_features if vision_features is not None else pixel_values
+        if images is None or images.shape[0] == 0:
             if bool((input_ids == self.image_token_id).any()):
                 raise ValueError("input_ids contain image placeholders but no pixel_values were given")
             return inputs_embeds
-        image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        image_features = self.get_image_features(pixel_values, vision_features).to(inputs_embeds.dtype)
         mask = self.get_placeholder_mask(input_ids, image_features)
         # masked_scatter fills the True positions in row-major order: images in batch order.
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1]))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                num_items_in_batch: int | torch.Tensor | None = None, **kwargs):
+                num_items_in_batch: int | torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+                **kwargs):
         """With labels: {"loss"}; the LM head runs only where a label is set. Without: the LM's output.
 
         The loss is the mean over this batch's supervised tokens, or, when the Trainer passes
         `num_items_in_batch`, their sum divided by it (token-weighted across accumulation and processes).
         """
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        inputs_embeds = self.embed(input_ids, pixel_values, vision_features)
         if labels is None:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         lm = causal_lm_of(self.language_model)
-        hidden = lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: training needs no KV cache (and a cache would disable packed-sequence masking).
+        hidden = lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
+                                  **kwargs).last_hidden_state
         # Position t predicts token t+1. Only labelled positions need logits: with a 32k vocabulary the
         # full [batch, seq, vocab] tensor would dominate the step, mostly over unlabelled image tokens.
         targets = labels[:, 1:]

@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from llava_kit.config import TEXT_STAGES, RunConfig, save_config
 from llava_kit.data.dataset import Collator, LlavaDataset, TextDataset
+from llava_kit.data.feature_cache import FeatureCache, default_cache_root
 from llava_kit.data.formats import read_llava
 from llava_kit.data.text import read_text_documents
 from llava_kit.model.build import build_llava, load_llm, load_tokenizer
@@ -115,6 +116,21 @@ def build_dataset(cfg: RunConfig, model, tokenizer) -> LlavaDataset:
         bad_records=cfg.data.bad_records, prior_bad=result.bad)
 
 
+def attach_feature_cache(cfg: RunConfig, model, dataset: LlavaDataset, device: torch.device) -> None:
+    """With a frozen tower, train from cached tower features (data/feature_cache.py) unless turned off."""
+    tower = model.vision_tower
+    if cfg.data.feature_cache == "off" or any(p.requires_grad for p in tower.parameters()):
+        return
+    if not dataset.image_paths:
+        return
+    cache = FeatureCache(cfg.data.feature_cache_dir or default_cache_root(), tower, cfg.data.image_aspect)
+    reader = cache.ensure(dataset.image_paths, tower, batch_size=max(cfg.train.micro_batch_size, 32),
+                          num_workers=cfg.data.num_workers, device=device)
+    dataset.use_feature_cache(reader)
+    logger.info("training from cached tower features in %s (data.feature_cache=off to run the tower instead)",
+                cache.dir)
+
+
 def training_arguments(cfg: RunConfig, precision: str) -> TrainingArguments:
     t = cfg.train
     return TrainingArguments(
@@ -141,6 +157,8 @@ def train(cfg: RunConfig) -> Path:
     text_only = cfg.stage in TEXT_STAGES
     if text_only:
         model, tokenizer = build_text_model(cfg)
+        # TrainingArguments after the model: with ZeRO-3 its creation would make from_pretrained partition at load.
+        args = training_arguments(cfg, precision)
         documents, bad = read_text_documents(cfg.data.path)
         dataset = TextDataset(documents, tokenizer, cfg.data.max_seq_len, cfg.data.bad_records, bad)
     else:
@@ -149,7 +167,9 @@ def train(cfg: RunConfig) -> Path:
             load_projector(model, cfg.model.init_from)
             logger.info("projector initialised from %s", cfg.model.init_from)
         apply_trainability(model, cfg.model.trainable, cfg.model.lora)
+        args = training_arguments(cfg, precision)
         dataset = build_dataset(cfg, model, tokenizer)
+        attach_feature_cache(cfg, model, dataset, args.device)
     if cfg.train.gradient_checkpointing:
         lm = model if text_only else model.language_model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -157,7 +177,7 @@ def train(cfg: RunConfig) -> Path:
     (run_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
 
     trainer = LlavaTrainer(
-        model=model, args=training_arguments(cfg, precision), train_dataset=dataset,
+        model=model, args=args, train_dataset=dataset,
         data_collator=Collator(tokenizer.pad_token_id), projector_learning_rate=cfg.train.projector_learning_rate)
     resume = cfg.train.resume_from_checkpoint
     if resume == "latest":

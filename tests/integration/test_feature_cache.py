@@ -1,0 +1,106 @@
+"""Frozen-feature cache: same training as running the tower, encoded once, keyed by what features depend on."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_kit.data.feature_cache import FeatureCache
+from llava_kit.model.vision import build_vision_tower
+from llava_kit.train.engine import train
+
+SHAPES = Path(__file__).resolve().parents[2] / "assets" / "shapes_small"
+
+
+def losses(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def shards(root) -> list:
+    return sorted(root.glob("*/shard-*.json"))
+
+
+def test_training_from_cache_matches_running_the_tower(make_config, tmp_path):
+    cache = tmp_path / "cache"
+    common = {"train.max_steps": 6, "data.feature_cache_dir": str(cache)}
+    tower_run = train(make_config("tower", **common, **{"data.feature_cache": "off"}))
+    assert not cache.exists()
+    cached_run = train(make_config("cached", **common))
+    assert len(shards(cache)) == 1
+    reference, cached = losses(tower_run), losses(cached_run)
+    assert len(reference) == 6
+    # fp16 storage of the features is the only difference
+    assert cached == pytest.approx(reference, rel=2e-3)
+    assert reference[-1] < reference[0]
+
+
+def test_rerun_encodes_nothing_and_feature_layer_change_rebuilds(make_config, tmp_path):
+    cache = tmp_path / "cache"
+    common = {"train.max_steps": 1, "data.feature_cache_dir": str(cache)}
+    train(make_config("a", **common))
+    train(make_config("b", **common))
+    assert len(shards(cache)) == 1, "a rerun over the same images must not encode them again"
+    train(make_config("c", **common, **{"model.vision.feature_layer": -1}))
+    assert len(shards(cache)) == 2
+    assert len({s.parent for s in shards(cache)}) == 2, "another feature layer must use another cache"
+
+
+@pytest.fixture
+def tower(tiny_dirs):
+    return build_vision_tower(str(tiny_dirs["vision"]), feature_layer=-2, select_strategy="patch").eval()
+
+
+def test_cached_features_equal_the_towers_output(tower, tmp_path):
+    from llava_kit.data.images import load_image, prepare_image
+
+    images = sorted((SHAPES / "images").rglob("*.png"))[:3]
+    paths = [str(p) for p in images]
+    reader = FeatureCache(tmp_path, tower, "pad").ensure(paths, tower, batch_size=2)
+    with torch.no_grad():
+        pixels = tower.preprocess([prepare_image(load_image(p), "pad", tower.image_mean) for p in paths])
+        expected = tower.encode(pixels)  # [3, num_tokens, width]
+    got = torch.stack([reader(p) for p in paths]).float()
+    assert got.shape == expected.shape == (3, tower.num_tokens, tower.width)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    # Readers travel to DataLoader workers: they must pickle without their open memory maps.
+    clone = pickle.loads(pickle.dumps(reader))
+    torch.testing.assert_close(clone(paths[1]), reader(paths[1]))
+
+
+def test_keyed_by_content_and_preprocessing(tower, tmp_path):
+    image = sorted((SHAPES / "images").rglob("*.png"))[0]
+    copy = tmp_path / "renamed.png"
+    shutil.copy(image, copy)
+    root = tmp_path / "cache"
+    FeatureCache(root, tower, "pad").ensure([str(image)], tower)
+    reader = FeatureCache(root, tower, "pad").ensure([str(copy)], tower)
+    assert len(shards(root)) == 1, "a copy of a cached image (same bytes) must hit the cache"
+    torch.testing.assert_close(reader(str(copy)), FeatureCache(root, tower, "pad").ensure([str(image)], tower)(
+        str(image)))
+    FeatureCache(root, tower, "resize").ensure([str(image)], tower)
+    assert len({s.parent for s in shards(root)}) == 2, "another aspect policy must use another cache"
+
+
+def test_incomplete_shard_is_ignored_and_concurrent_callers_encode_once(tower, tmp_path):
+    paths = [str(p) for p in sorted((SHAPES / "images").rglob("*.png"))[:4]]
+    root = tmp_path / "cache"
+    cache = FeatureCache(root, tower, "pad")
+    cache.dir.mkdir(parents=True)
+    (cache.dir / "shard-crashed.npy").write_bytes(b"half a file")  # a crash before the image list was written
+    readers = []
+    workers = [threading.Thread(target=lambda: readers.append(FeatureCache(root, tower, "pad").ensure(paths, tower)))
+               for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(readers) == 3 and len(shards(root)) == 1
+    for reader in readers:
+        assert reader(paths[0]).shape == (tower.num_tokens, tower.width)
