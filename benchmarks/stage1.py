@@ -1,0 +1,140 @@
+"""Stage-1 (projector pretraining) throughput and memory: llava-kit against transformers' llava.
+
+    python benchmarks/stage1.py [--workdir DIR]
+
+One epoch over the same 96 samples (batch 8, shapes in llava_setup.py), three ways:
+  - reference: `LlavaForConditionalGeneration` with the same weights, trained the straightforward way
+    (tower frozen, projector trained by AdamW, images decoded and encoded every step, batches padded to
+    the longest, full-vocabulary logits), a plain loop;
+  - llava-kit: `llava_kit.train.engine.train` (the HF Trainer), cold feature cache then warm;
+  - limit: the LLM forward + backward alone on the same batches, loss at the labelled positions.
+Prints `stage1_vs_reference`, `stage1_first_epoch_vs_reference`, `stage1_vs_limit` and
+`memory_vs_reference` (peak RSS of a process running each stage-1 epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llava_setup import BATCH, build_workdir, reference_from, stage1_config  # noqa: E402
+
+from llava_kit.config import config_from_dict  # noqa: E402
+from llava_kit.data.encode import IGNORE_INDEX  # noqa: E402
+from llava_kit.train.engine import build_dataset, train  # noqa: E402
+
+
+def run_llava_kit(paths: dict, out: Path, cache: Path, **train_overrides) -> tuple[float, float]:
+    """One llava-kit stage-1 epoch; returns (wall seconds of the whole train() call, Trainer's train_runtime)."""
+    cfg = config_from_dict(stage1_config(paths, out, cache, **train_overrides))
+    start = time.perf_counter()
+    train(cfg)
+    total = time.perf_counter() - start
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
+    return total, runtime
+
+
+def reference_batches(paths: dict, root: Path):
+    """The reference's data: llava-kit's tokenisation, images decoded every step, padded to the longest."""
+    from torch.utils.data import DataLoader
+
+    from llava_kit.data.dataset import Collator
+    from llava_kit.model.build import build_llava
+
+    cfg = config_from_dict(stage1_config(paths, root / "unused", root / "unused-cache"))
+    model, tokenizer = build_llava(cfg.model)
+    dataset = build_dataset(cfg, model, tokenizer)
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0),
+                        collate_fn=Collator(tokenizer.pad_token_id))
+    return model, loader
+
+
+def run_reference(paths: dict, root: Path) -> float:
+    """One epoch of the straightforward loop; returns its seconds."""
+    model, loader = reference_batches(paths, root)
+    reference = reference_from(model).train()
+    reference.requires_grad_(False)
+    reference.model.multi_modal_projector.requires_grad_(True)
+    optimizer = torch.optim.AdamW(reference.model.multi_modal_projector.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for batch in loader:  # images are decoded and preprocessed here, every epoch
+        loss = reference(**batch).loss  # full [batch, seq, 32000] logits
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return time.perf_counter() - start
+
+
+def run_limit(paths: dict, root: Path) -> float:
+    """The LLM forward + backward (to its input embeddings) on the same batches, loss at labelled positions."""
+    model, loader = reference_batches(paths, root)
+    llm = model.language_model
+    llm.requires_grad_(False)
+    batches = list(loader)  # decode outside the timing: the limit is the LLM alone
+    start = time.perf_counter()
+    for batch in batches:
+        embeds = llm.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        hidden = llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)[0]
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        loss = F.cross_entropy(llm.lm_head(hidden[:, :-1][keep]), targets[keep])
+        loss.backward()
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(mode: str, workdir: Path) -> float:
+    """Peak resident memory of a fresh process running one stage-1 epoch the `mode` way."""
+    result = subprocess.run([sys.executable, __file__, "--workdir", str(workdir), "--rss-of", mode],
+                            capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="reuse models and data here (default: temp)")
+    parser.add_argument("--rss-of", choices=["llava-kit", "reference"], default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="llava-kit-bench-"))
+    paths = build_workdir(workdir)
+
+    if args.rss_of:  # child process of peak_rss_mb(): run one epoch, print the peak RSS in MB
+        if args.rss_of == "llava-kit":  # the warm cache, filled by the parent
+            run_llava_kit(paths, workdir / "rss-run", workdir / "cache-warm")
+        else:
+            run_reference(paths, workdir)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return 0
+
+    run_llava_kit(paths, workdir / "warmup", workdir / "cache-unused", max_steps=2)  # imports, allocator
+    shutil.rmtree(workdir / "cache-warm", ignore_errors=True)
+    cold_total, cold_runtime = run_llava_kit(paths, workdir / "cold", workdir / "cache-warm")
+    warm_total, warm_runtime = run_llava_kit(paths, workdir / "warm", workdir / "cache-warm")
+    # The cold call differs from the warm one by the cache build (hashing + encoding every image).
+    first_epoch = warm_runtime + (cold_total - warm_total)
+    reference = run_reference(paths, workdir)
+    limit = run_limit(paths, workdir)
+    rss_ours, rss_reference = peak_rss_mb("llava-kit", workdir), peak_rss_mb("reference", workdir)
+    print(f"epoch seconds: reference {reference:.2f}, llava-kit warm {warm_runtime:.2f}, "
+          f"cold {first_epoch:.2f} (cold train() call {cold_total:.2f}, warm {warm_total:.2f}), limit {limit:.2f}; "
+          f"peak RSS MB: llava-kit {rss_ours:.0f}, reference {rss_reference:.0f}", file=sys.stderr)
+    print(f"stage1_vs_reference: {reference / warm_runtime:.2f}")
+    print(f"stage1_first_epoch_vs_reference: {reference / first_epoch:.2f}")
+    print(f"stage1_vs_limit: {warm_runtime / limit:.2f}")
+    print(f"memory_vs_reference: {rss_ours / rss_reference:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
