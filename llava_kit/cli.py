@@ -42,6 +42,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from llava_kit.export.hf_llava import export_model
+
+    print(export_model(args.model_dir, args.output, args.format), file=args.results)
+    return 0
+
+
 def _chat_session(args: argparse.Namespace):
     from llava_kit.export.merge import load_for_inference
     from llava_kit.serve.chat import ChatSession, GenerationSettings
@@ -156,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `llava-kit train`")
     p.add_argument("-o", "--output", required=True, help="output directory of the merged model")
     p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser("export", help="write a model in another format (hf-llava: transformers, vLLM, SGLang)",
+                       description="Export a merged model or run directory to transformers' llava format: "
+                                   "LlavaForConditionalGeneration + AutoProcessor (image processor, tokenizer, chat "
+                                   "template) load OUT_DIR without llava-kit. Projectors the format cannot express "
+                                   "are refused with the reason.")
+    p.add_argument("model_dir", help="a merged model directory or a run directory")
+    p.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format (default hf-llava)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("chat", help="chat about an image (interactive, or one-shot with --prompt)",
                        description="Interactive multi-turn chat with streamed answers (commands: /image PATH, "
