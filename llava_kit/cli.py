@@ -67,6 +67,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from llava_kit.export.import_llava import import_checkpoint
+
+    print(import_checkpoint(args.checkpoint, args.output, args.vision), file=args.results)
+    return 0
+
+
 def _chat_session(args: argparse.Namespace):
     from llava_kit.export.merge import load_for_inference
     from llava_kit.serve.chat import ChatSession, GenerationSettings
@@ -191,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format (default hf-llava)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("import", help="convert a llava-hf or original LLaVA checkpoint into a llava-kit model dir",
+                       description="Read a llava-hf directory (config.json model_type 'llava') or an original LLaVA "
+                                   "checkpoint (mm_projector weights) and write a merged llava-kit directory: "
+                                   "--model for chat/serve/export, and the start of an sft run (vision=OUT/vision, "
+                                   "llm=OUT/llm, init_from=OUT).")
+    p.add_argument("checkpoint", help="the checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--vision", help="original LLaVA only: a local copy of the config's mm_vision_tower")
+    p.set_defaults(handler=cmd_import)
 
     p = sub.add_parser("chat", help="chat about an image (interactive, or one-shot with --prompt)",
                        description="Interactive multi-turn chat with streamed answers (commands: /image PATH, "
