@@ -15,6 +15,7 @@ import uuid
 import torch
 
 from llava_kit.data.encode import encode_messages
+from llava_kit.model.llava import causal_lm_of
 from llava_kit.serve.chat import _CallbackStreamer
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,14 @@ class ModelWorker(threading.Thread):
         enc = encode_messages(request.messages, session.tokenizer, settings.template, model.image_token_id,
                               model.tokens_per_image, max_seq_len=10**9, n_images=request.n_images,
                               system_prompt=settings.system_prompt, add_generation_prompt=True)
-        if len(enc.input_ids) > settings.max_seq_len:
-            raise ValueError(f"the prompt is {len(enc.input_ids)} tokens (images included); this model was trained "
-                             f"on at most {settings.max_seq_len}: send fewer images or less text")
+        # The LLM's position limit, not the training max_seq_len: longer prompts than trained on still work.
+        # The answer budget shrinks to what fits (finish_reason "length" when it runs out).
+        limit = getattr(causal_lm_of(model.language_model).config.get_text_config(), "max_position_embeddings", None)
+        if limit and len(enc.input_ids) >= limit:
+            raise ValueError(f"the prompt is {len(enc.input_ids)} tokens (images included), over the model's "
+                             f"{limit} positions; send fewer images or less text")
+        if limit:
+            request.max_new_tokens = min(request.max_new_tokens, limit - len(enc.input_ids))
         return enc.input_ids
 
     @torch.no_grad()

@@ -169,3 +169,22 @@ assert "llava_kit" not in sys.modules
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_caption_runs_against_the_server(server, tmp_path, monkeypatch, capsys):
+    """Plumbing only (the tiny model's words mean nothing): every image ends in the dataset or the errors file,
+    and the structured-output negotiation falls back to text on this server's 400s."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in images()[:3]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "captions.jsonl"
+    code = main(["caption", str(folder), "-o", str(out), "--model", "shapes", "--base-url", server.url,
+                 "--max-tokens", str(MAX_TOKENS), "--no-progress", "--max-retries", "0", "--validation-retries", "0"])
+    assert code in (0, 1), capsys.readouterr().err[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    errors_file = tmp_path / "captions.errors.jsonl"
+    errors = [json.loads(line) for line in errors_file.read_text().splitlines()] if errors_file.exists() else []
+    assert len(records) + len(errors) == 3
+    assert all(e["reason"] not in ("connection_error", "server_error", "http_400") for e in errors), errors
