@@ -69,6 +69,7 @@ def parse_chat_request(body: bytes, session, settings) -> ChatRequest:
                            "(no json_schema / json_object); ask for plain text", "response_format")
     images: list = []
     canonical = [_message(m, i, images, settings) for i, m in enumerate(messages)]
+    _check_turns(canonical)
     if len(images) > settings.max_images:
         raise RequestError(f"{len(images)} images in one request; this server takes at most {settings.max_images}",
                            "messages")
@@ -86,6 +87,18 @@ def parse_chat_request(body: bytes, session, settings) -> ChatRequest:
         pixel_values = tower.preprocess([prepare_image(image, aspect, tower.image_mean) for image in images])
     return ChatRequest(canonical, pixel_values, len(images), min(max_new_tokens, settings.max_new_tokens),
                        temperature, top_p, stream)
+
+
+def _check_turns(messages: list[dict]) -> None:
+    """After optional system messages: user, assistant, user, ..., ending with the user's question."""
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    for i, role in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise RequestError(f"turn {i + 1} is from {role!r} but {expected!r} was expected: after optional system "
+                               "messages, turns alternate user, assistant, user, ...", "messages")
+    if not turns or turns[-1] != "user":
+        raise RequestError("the last message must be the user's (the one to answer)", "messages")
 
 
 def _number(value, name: str, kind: type, minimum: float):

@@ -82,13 +82,16 @@ class _Handler(BaseHTTPRequestHandler):
                     code: str | None = None) -> None:
         self._send_json(status, error_body(message, kind, code))
 
-    def _authorised(self) -> bool:
+    def _authorised(self, body_pending: bool = False) -> bool:
+        """True when no key is set or the request carries it; otherwise answers 401 and returns False."""
         key = self.settings.api_key
         if not key:
             return True
         header = self.headers.get("Authorization", "")
         if header == f"Bearer {key}":
             return True
+        if body_pending:
+            self.close_connection = True  # the unread body would otherwise be parsed as the next request
         self._send_error(401, "Incorrect API key provided: pass the server's --api-key as the client's api_key "
                               "(Authorization: Bearer KEY)", code="invalid_api_key")
         return False
@@ -127,8 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(404, f"no route POST {self.path}; this server has POST /v1/chat/completions",
                              code="not_found")
             return
-        if not self._authorised():
-            self.close_connection = True
+        if not self._authorised(body_pending=True):
             return
         body = self._read_body()
         if body is None:
@@ -215,8 +217,12 @@ def start_server(session, settings: ServerSettings, host: str = "127.0.0.1", por
     `port=0` picks a free port (`server.url` says which). Stop with `server.shutdown(); server.worker.stop()`.
     """
     worker = ModelWorker(session, settings.max_batch_size)
+    try:
+        server = LlavaServer((host, port), worker, settings)
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port or "
+                         "--host") from None
     worker.start()
-    server = LlavaServer((host, port), worker, settings)
     threading.Thread(target=server.serve_forever, name="llava-kit-http", daemon=True).start()
     return server
 

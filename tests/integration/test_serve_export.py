@@ -188,3 +188,31 @@ def test_caption_runs_against_the_server(server, tmp_path, monkeypatch, capsys):
     errors = [json.loads(line) for line in errors_file.read_text().splitlines()] if errors_file.exists() else []
     assert len(records) + len(errors) == 3
     assert all(e["reason"] not in ("connection_error", "server_error", "http_400") for e in errors), errors
+
+
+def test_serve_command_answers_and_stops(merged, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "llava_kit.cli", "serve", "--model", str(merged), "--port",
+                                str(port), "--model-name", "shapes"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert [m.id for m in client.models.list().data] == ["shapes"]
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.time() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        messages = [{"role": "user", "content": "Hello"}, {"role": "user", "content": "again"}]
+        with pytest.raises(openai.BadRequestError, match="turn 2 is from 'user'"):
+            client.chat.completions.create(model="x", messages=messages)
+        assert ask(client, images()[0]).choices[0].message.content is not None
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
