@@ -41,20 +41,23 @@ def weights_fingerprint(tensors) -> str:
     return digest.hexdigest()[:16]
 
 
-def base_identity(model: LlavaModel) -> dict:
+def base_identity(model: LlavaModel) -> dict | None:
     """What a projector depends on: the tower's weights and layer choice, the LLM's architecture and embeddings.
 
     The LLM is identified by its config and its input embeddings (not every weight: hashing a 7B model on each
     load would take tens of seconds); LoRA leaves the embeddings alone, full fine-tuning changes them.
+    None when DeepSpeed ZeRO-3 has partitioned the weights (this process does not hold them whole).
     """
     tower = model.vision_tower
     llm = causal_lm_of(model.language_model)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        logger.warning("weights are partitioned (ZeRO-3): the projector's record names the base models but holds "
+                       "no weight fingerprints, so loading it checks shapes, layer, strategy and template only")
+        return None
     text_config = llm.config.get_text_config()
     embeddings = llm.get_input_embeddings().weight
     return {
         "vision_weights": weights_fingerprint(tower.state_dict().items()),
-        "feature_layer": tower.feature_layer,
-        "select_strategy": tower.select_strategy,
         "llm_model_type": text_config.model_type,
         "llm_embeddings": weights_fingerprint([("embeddings", embeddings)]),
     }
@@ -80,26 +83,26 @@ def provenance_mismatches(spec: dict, model: LlavaModel, template: str | None = 
     """How `model` (and `template`, when given) differs from what the projector in `spec` was trained with.
 
     A projector from a `plain`-template pretrain run may start a run with any template (LLaVA's recipe); a projector
-    trained with a chat template refuses another one. Specs without a record (older runs) pass.
+    trained with a chat template refuses another one. What a spec does not record (older runs) is not checked.
     """
     trained = spec.get("trained_with", {})
-    saved = trained.get("identity")
     problems = []
-    if saved:
-        current = base_identity(model)
-        vision_from = trained.get("vision", {}).get("name_or_path")
-        checks = [
-            ("feature_layer", "vision feature layer", "set model.vision.feature_layer={saved}"),
-            ("select_strategy", "vision select strategy", "set model.vision.select_strategy={saved}"),
-            ("vision_weights", "vision tower weights", f"use the tower it was trained with ({vision_from})"),
-            ("llm_model_type", "LLM family", f"use the LLM it was trained with ({trained.get('llm')})"),
-            ("llm_embeddings", "LLM (its embedding weights differ)",
-             f"use the LLM it was trained with ({trained.get('llm')})"),
-        ]
+    vision = trained.get("vision", {})
+    for key, label in (("feature_layer", "vision feature layer"), ("select_strategy", "vision select strategy")):
+        value = getattr(model.vision_tower, key)
+        if key in vision and vision[key] != value:
+            problems.append(f"{label}: trained with {vision[key]}, this model has {value} "
+                            f"(set model.vision.{key}={vision[key]})")
+    saved = trained.get("identity")
+    current = base_identity(model) if saved else None
+    if saved and current:
+        checks = [("vision_weights", "vision tower weights", f"use the tower it was trained with ({vision.get('name_or_path')})"),
+                  ("llm_model_type", "LLM family", f"use the LLM it was trained with ({trained.get('llm')})"),
+                  ("llm_embeddings", "LLM (its embedding weights differ)",
+                   f"use the LLM it was trained with ({trained.get('llm')})")]
         for key, label, fix in checks:
             if key in saved and saved[key] != current[key]:
-                problems.append(f"{label}: trained with {saved[key]}, this model has {current[key]} "
-                                f"({fix.format(saved=saved[key])})")
+                problems.append(f"{label}: trained with {saved[key]}, this model has {current[key]} ({fix})")
     saved_template = trained.get("template")
     if template is not None and saved_template not in (None, "plain", template):
         problems.append(f"template: trained with {saved_template!r}, this run uses {template!r} (set "

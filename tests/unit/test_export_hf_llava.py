@@ -163,3 +163,14 @@ def test_projectors_the_format_cannot_express_are_refused(tiny_dirs):
     model.multi_modal_projector = projector
     with pytest.raises(ExportError):
         check_exportable(model)
+
+
+def test_open_clip_towers_and_unknown_formats_are_refused(tiny_dirs, tmp_path):
+    from llava_kit.export.hf_llava import export_model
+
+    model, _ = _build(tiny_dirs["vision"], tiny_dirs["llm"])
+    model.vision_tower.backend = "open_clip"  # the check reads the backend; building a real one is slow
+    with pytest.raises(ExportError, match="holds a transformers vision model"):
+        check_exportable(model)
+    with pytest.raises(ValueError, match="unknown export format 'gguf'"):
+        export_model(tmp_path, tmp_path / "out", "gguf")
