@@ -70,9 +70,6 @@ def parse_chat_request(body: bytes, session, settings) -> ChatRequest:
     images: list = []
     canonical = [_message(m, i, images, settings) for i, m in enumerate(messages)]
     _check_turns(canonical)
-    if len(images) > settings.max_images:
-        raise RequestError(f"{len(images)} images in one request; this server takes at most {settings.max_images}",
-                           "messages")
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
     max_new_tokens = settings.max_new_tokens if max_tokens is None else _number(max_tokens, "max_tokens", int, 1)
     temperature = _number(data.get("temperature", 0.0) or 0.0, "temperature", float, 0.0)
@@ -124,6 +121,9 @@ def _message(message, index: int, images: list, settings) -> dict:
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind == "image_url":
+                if len(images) >= settings.max_images:  # refused before decoding any more
+                    raise RequestError(f"more than {settings.max_images} images in one request; this server takes "
+                                       f"at most {settings.max_images} (--max-images)", "messages")
                 if role != "user":
                     raise RequestError(f"{part_where}: images are only accepted in user messages", part_where)
                 url = part.get("image_url")

@@ -26,6 +26,7 @@ class Job:
 
     def __init__(self, request):
         self.request = request
+        self.input_ids: list[int] = []  # the encoded prompt, set by the worker
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.pieces: queue.Queue = queue.Queue()  # streamed text; None ends it

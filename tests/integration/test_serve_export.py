@@ -216,3 +216,10 @@ def test_serve_command_answers_and_stops(merged, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_too_many_images_are_refused(server, client):
+    part = {"type": "image_url", "image_url": {"url": data_url(images()[0])}}
+    messages = [{"role": "user", "content": [part] * (server.settings.max_images + 1)}]
+    with pytest.raises(openai.BadRequestError, match="more than 8 images in one request"):
+        client.chat.completions.create(model="shapes", messages=messages)
