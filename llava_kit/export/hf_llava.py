@@ -132,8 +132,14 @@ def to_hf_llava(model: LlavaModel, tokenizer, settings, out_dir: str | Path) -> 
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
     config.dtype = dtype
     # Built on the meta device (no memory, no random init), then every weight is assigned from our model.
-    with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+    try:
+        with torch.device("meta"):
+            hf = LlavaForConditionalGeneration(config)
+    except (AttributeError, KeyError, ValueError) as err:
+        raise ExportError(
+            f"transformers' LlavaForConditionalGeneration cannot hold this {text_config.model_type} LLM ({err}); "
+            "e.g. its weight tying expects the input embeddings at `embed_tokens`, which GPT-2-style LLMs with tied "
+            "embeddings lack. Keep llava-kit's format (`llava-kit merge`, `llava-kit serve`) for this model") from None
     hf.model.vision_tower.load_state_dict(tower.vision_model.state_dict(), strict=True, assign=True)
     hf.model.multi_modal_projector.load_state_dict(projector_state, strict=True, assign=True)
     decoder = getattr(llm, llm.base_model_prefix)

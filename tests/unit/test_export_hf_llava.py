@@ -45,6 +45,20 @@ def qwen2_dir(tmp_path_factory, tiny_dirs):
     return path
 
 
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, tiny_dirs):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llm"])
+    config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=512,
+                                  tie_word_embeddings=False)  # tied: transformers' llava cannot hold it (see below)
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _build(vision, llm, projector="mlp2x_gelu", select_strategy="patch", feature_layer=-2):
     cfg = ModelConfig()
     cfg.vision.name_or_path, cfg.vision.select_strategy = str(vision), select_strategy
@@ -83,14 +97,15 @@ CASES = {  # name: (tower, llm, projector, select_strategy, feature_layer)
     "clip-qwen2-linear-full": ("clip", "qwen2", "linear", "full", -1),
     "siglip-llama-mlp1x": ("siglip", "llama", "mlp1x_gelu", "patch", -2),
     "siglip-qwen2-mlp2x": ("siglip", "qwen2", "mlp2x_gelu", "patch", 1),
+    "clip-gpt2-mlp2x": ("clip", "gpt2", "mlp2x_gelu", "patch", -2),  # another base_model_prefix ("transformer")
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_export_gives_the_same_logits_and_greedy_answers(case, tiny_dirs, siglip_dir, qwen2_dir, tmp_path):
+def test_export_gives_the_same_logits_and_greedy_answers(case, tiny_dirs, siglip_dir, qwen2_dir, gpt2_dir, tmp_path):
     tower_name, llm_name, projector, strategy, layer = CASES[case]
     vision = tiny_dirs["vision"] if tower_name == "clip" else siglip_dir
-    llm = tiny_dirs["llm"] if llm_name == "llama" else qwen2_dir
+    llm = {"llama": tiny_dirs["llm"], "qwen2": qwen2_dir, "gpt2": gpt2_dir}[llm_name]
     model, tokenizer = _build(vision, llm, projector, strategy, layer)
     settings = InferenceSettings("chatml", None, "pad", 2048)
     to_hf_llava(model, tokenizer, settings, tmp_path / "hf")
@@ -174,3 +189,15 @@ def test_open_clip_towers_and_unknown_formats_are_refused(tiny_dirs, tmp_path):
         check_exportable(model)
     with pytest.raises(ValueError, match="unknown export format 'gguf'"):
         export_model(tmp_path, tmp_path / "out", "gguf")
+
+
+def test_an_llm_transformers_llava_cannot_hold_is_refused(tiny_dirs, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llm"])
+    config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2_tied")  # tied embeddings (wte)
+    tokenizer.save_pretrained(tmp_path / "gpt2_tied")
+    model, tokenizer = _build(tiny_dirs["vision"], tmp_path / "gpt2_tied")
+    with pytest.raises(ExportError, match="cannot hold this gpt2 LLM"):
+        to_hf_llava(model, tokenizer, InferenceSettings("chatml", None, "pad", 256), tmp_path / "hf")
