@@ -55,7 +55,7 @@ def client(server):
     return openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
 
 
-def images(square_dir=None) -> list[Path]:
+def images() -> list[Path]:
     return sorted((SHAPES / "images" / "eval").glob("*.png"))[:4]
 
 
