@@ -59,6 +59,10 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--prompt-file", metavar="FILE", type=Path,
                       help="text file replacing the task's instruction to the model (the JSON answer format is "
                            "still appended); results are kept apart from the default prompt's")
+    what.add_argument("--raw-prompt", action="store_true",
+                      help="send the --prompt-file text alone, without the rules and the JSON answer format, and "
+                           "read the answer as plain text (small local models trained on short questions, e.g. "
+                           "`llava-kit serve`)")
     what.add_argument("--seed", type=int, default=0,
                       help="seed for the per-image choice of the stored question (default: %(default)s)")
     what.add_argument("--detail", choices=DETAILS, default="auto",
@@ -133,6 +137,10 @@ def _check(args: argparse.Namespace) -> list[str]:
         problems.append(f"--export-only: {args.output} does not exist yet; run the caption command first")
     if args.prompt_file is not None and not args.prompt_file.is_file():
         problems.append(f"--prompt-file {args.prompt_file} does not exist")
+    if args.raw_prompt and args.prompt_file is None:
+        problems.append("--raw-prompt sends the text of --prompt-file as it is: give --prompt-file too")
+    if args.raw_prompt and args.response_format not in ("auto", "text"):
+        problems.append(f"--raw-prompt asks for plain text: --response-format {args.response_format} cannot apply")
     if args.price_table is not None and not args.price_table.is_file():
         problems.append(f"--price-table {args.price_table} does not exist")
     for name, minimum in (("concurrency", 1), ("max_retries", 0), ("validation_retries", 0), ("limit", 0),
@@ -209,14 +217,16 @@ def _run_caption(args: argparse.Namespace) -> int:
     except cost.PriceTableError as exc:
         return _fail(str(exc))
     options = RunOptions(
-        image_dir=args.image_dir, output=args.output, task=args.task, prompt_file=args.prompt_file, seed=args.seed,
+        image_dir=args.image_dir, output=args.output, task=args.task, prompt_file=args.prompt_file,
+        raw_prompt=args.raw_prompt, seed=args.seed,
         concurrency=args.concurrency, rpm=args.rpm, max_retries=args.max_retries,
         validation_retries=args.validation_retries, retry_delay=args.retry_delay, limit=args.limit,
         progress=not args.no_progress,
     )
     client_options = ClientOptions(
         model=args.model, base_url=args.base_url, timeout=args.timeout, detail=args.detail,
-        response_format=args.response_format, max_tokens=args.max_tokens, temperature=args.temperature,
+        response_format="text" if args.raw_prompt else args.response_format, max_tokens=args.max_tokens,
+        temperature=args.temperature,
     )
     try:
         job = Job.open(options, args.model, dry_run=args.dry_run)

@@ -90,9 +90,13 @@ class Task:
     """Instruction list the stored question is sampled from (caption, detail)."""
     label: str = ""
     """Identity of the task in output ids: the name, plus a hash of a custom prompt when one is used."""
+    raw: bool = False
+    """Send the instruction alone (--raw-prompt): no rules, no JSON format; the answer is read as plain text."""
 
     def prompt_text(self) -> str:
         """The full text sent with the image."""
+        if self.raw:
+            return self.instruction
         return f"{self.instruction}\n\n{RULES}\n\nReply with a JSON object of this form and nothing else:\n{self.shape}"
 
 
@@ -154,12 +158,15 @@ class PromptFileError(ValueError):
     """A --prompt-file that cannot be used; the message says why and what to do."""
 
 
-def get_task(name: str, prompt_file: Path | None = None) -> Task:
+def get_task(name: str, prompt_file: Path | None = None, raw: bool = False) -> Task:
     """The task `name`, with its instruction replaced by the text of `prompt_file` when given.
 
     A custom prompt changes the task's label (and so the output ids), so its results never count as
-    done for the default prompt or for another prompt file.
+    done for the default prompt or for another prompt file. `raw`: the prompt file's text is sent alone
+    (for small local models trained on short questions), labelled apart from the same file sent with rules.
     """
+    if raw and prompt_file is None:
+        raise PromptFileError("--raw-prompt sends the text of --prompt-file as it is: give --prompt-file too")
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     task = TASKS[name]
@@ -172,7 +179,8 @@ def get_task(name: str, prompt_file: Path | None = None) -> Task:
     if not text:
         raise PromptFileError(f"--prompt-file {prompt_file} is empty; write the instruction for the model in it")
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    return Task(**{**task.__dict__, "instruction": text, "label": f"{name}-{digest}"})
+    return Task(**{**task.__dict__, "instruction": text, "label": f"{name}-{'raw-' if raw else ''}{digest}",
+                   "raw": raw})
 
 
 def sample_question(task: Task, sha256: str, seed: int) -> str | None:

@@ -48,6 +48,8 @@ class RunOptions:
     """caption, detail, conversation or reasoning."""
     prompt_file: Path | None = None
     """Replaces the task's instruction to the model."""
+    raw_prompt: bool = False
+    """Send the prompt file's text alone (no rules, no JSON format)."""
     seed: int = 0
     """Seeds the per-image choice of the stored question (caption, detail)."""
     concurrency: int = 8
@@ -141,7 +143,7 @@ class Job:
     @classmethod
     def open(cls, options: RunOptions, model: str, *, dry_run: bool = False) -> Job:
         """Scan the folder and open the output files (read-only for a dry run)."""
-        task = get_task(options.task, options.prompt_file)
+        task = get_task(options.task, options.prompt_file, options.raw_prompt)
         scan = _scan_with_progress(options.image_dir, options.progress)
         store = OutputStore(options.output, readonly=dry_run)
         errors = None if dry_run else ErrorLog(errors_path(options.output))

@@ -42,6 +42,38 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from llava_kit.export.hf_llava import export_model
+
+    print(export_model(args.model_dir, args.output, args.format), file=args.results)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llava_kit.serve.server import ServerSettings, serve
+
+    for name in ("max_body_mb", "max_new_tokens", "max_batch_size", "max_images"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    settings = ServerSettings(
+        model_name=args.model_name or Path(args.model).resolve().name,
+        api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY") or None,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
+        max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
+        allow_remote_images=args.allow_remote_images)
+    serve(args.model, settings, args.host, args.port)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from llava_kit.export.import_llava import import_checkpoint
+
+    print(import_checkpoint(args.checkpoint, args.output, args.vision), file=args.results)
+    return 0
+
+
 def _chat_session(args: argparse.Namespace):
     from llava_kit.export.merge import load_for_inference
     from llava_kit.serve.chat import ChatSession, GenerationSettings
@@ -157,6 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory of the merged model")
     p.set_defaults(handler=cmd_merge)
 
+    p = sub.add_parser("export", help="write a model in another format (hf-llava: transformers, vLLM, SGLang)",
+                       description="Export a merged model or run directory to transformers' llava format: "
+                                   "LlavaForConditionalGeneration + AutoProcessor (image processor, tokenizer, chat "
+                                   "template) load OUT_DIR without llava-kit. Projectors the format cannot express "
+                                   "are refused with the reason.")
+    p.add_argument("model_dir", help="a merged model directory or a run directory")
+    p.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format (default hf-llava)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("import", help="convert a llava-hf or original LLaVA checkpoint into a llava-kit model dir",
+                       description="Read a llava-hf directory (config.json model_type 'llava') or an original LLaVA "
+                                   "checkpoint (mm_projector weights) and write a merged llava-kit directory: "
+                                   "--model for chat/serve/export, and the start of an sft run (vision=OUT/vision, "
+                                   "llm=OUT/llm, init_from=OUT).")
+    p.add_argument("checkpoint", help="the checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--vision", help="original LLaVA only: a local copy of the config's mm_vision_tower")
+    p.set_defaults(handler=cmd_import)
+
     p = sub.add_parser("chat", help="chat about an image (interactive, or one-shot with --prompt)",
                        description="Interactive multi-turn chat with streamed answers (commands: /image PATH, "
                                    "/reset, /help, /exit). With --prompt: print only the answer on stdout and exit.")
@@ -165,6 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="one-shot question: print only the answer and exit")
     _add_generation_options(p)
     p.set_defaults(handler=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)",
+                       description="Serve a merged model or run directory over HTTP like the OpenAI API: text and "
+                                   "image_url parts (data URLs), streaming (SSE) or not; greedy by default, so "
+                                   "answers equal `llava-kit chat --prompt`. Concurrent requests are queued and "
+                                   "batched. Ctrl-C stops it.")
+    p.add_argument("--model", required=True, help="a merged model directory or a run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                       "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LLAVA_KIT_API_KEY; "
+                                     "unset = no key)")
+    p.add_argument("--model-name", help="the model id /v1/models lists (default: the directory's name)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
+    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="default and ceiling of max_tokens (default 512)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most queued requests generated together "
+                                                                  "(default 8)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (off by default: only data URLs are accepted)")
+    p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("eval", help="score held-out questions through the chat code path",
                        description="Answer each question of an eval JSONL (shapes-task fields or `answer`) and "

@@ -68,17 +68,34 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     model, tokenizer, cfg = load_run(run_dir)
     if hasattr(model.language_model, "merge_and_unload"):
         model.language_model = model.language_model.merge_and_unload()
+    settings = InferenceSettings(cfg.data.template, cfg.data.system_prompt, cfg.data.image_aspect, cfg.data.max_seq_len)
+    write_merged(model, tokenizer, settings, out_dir, source=str(run_dir.resolve()), spec=projector_spec(model, cfg))
+    logger.info("merged %s into %s", run_dir, out_dir)
+    return out_dir
+
+
+def write_merged(model: LlavaModel, tokenizer, settings: InferenceSettings, out_dir: str | Path, source: str,
+                 spec: dict | None = None, stage: str = "imported", projector_name: str | None = None,
+                 llm_source: str | None = None) -> Path:
+    """Write `model` (no LoRA left) as a merged model directory; `spec` defaults to one built from the model."""
+    from llava_kit.train.checkpoint import base_identity
+
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.vision_tower.save_pretrained(out_dir / "vision")
     model.language_model.save_pretrained(out_dir / "llm")
     tokenizer.save_pretrained(out_dir / "llm")
-    spec = projector_spec(model, cfg)
+    if spec is None:
+        tower, projector = model.vision_tower, model.multi_modal_projector
+        spec = {"name": projector_name, "options": {}, "vision_width": tower.width,
+                "llm_width": projector.llm_width, "grid": list(tower.grid), "has_cls": projector.has_cls,
+                "num_output_tokens": model.tokens_per_image,
+                "trained_with": {"vision": tower.describe(), "llm": llm_source, "template": settings.template,
+                                 "stage": stage, "identity": base_identity(model)}}
     save_projector(model, out_dir, spec)
-    settings = InferenceSettings(cfg.data.template, cfg.data.system_prompt, cfg.data.image_aspect, cfg.data.max_seq_len)
     meta = {"format": "llava-kit", "version": FORMAT_VERSION, "image_token": IMAGE_TOKEN,
-            "projector": spec, "inference": vars(settings), "merged_from": str(Path(run_dir).resolve())}
+            "projector": spec, "inference": vars(settings), "merged_from": source}
     (out_dir / MERGED_SPEC).write_text(json.dumps(meta, indent=2))
-    logger.info("merged %s into %s", run_dir, out_dir)
     return out_dir
 
 
@@ -117,6 +134,14 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32
         model, tokenizer, cfg = load_run(model_dir, dtype)
         return model, tokenizer, InferenceSettings(cfg.data.template, cfg.data.system_prompt,
                                                    cfg.data.image_aspect, cfg.data.max_seq_len)
-    raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}) nor a run directory (config.yaml); "
-                            "give the output of `llava-kit merge` or of `llava-kit train`")
+    from llava_kit.export.import_llava import checkpoint_kind, load_checkpoint
+
+    if checkpoint_kind(model_dir) == "hf-llava":
+        return load_checkpoint(model_dir, dtype=dtype)
+    if checkpoint_kind(model_dir) == "original-llava":
+        raise ValueError(f"{model_dir} is an original LLaVA checkpoint; convert it first with `llava-kit import "
+                         f"{model_dir} -o OUT_DIR [--vision TOWER_DIR]` and use OUT_DIR")
+    raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}), a run directory (config.yaml) nor "
+                            "a llava-hf directory; give the output of `llava-kit merge`, `llava-kit train` or "
+                            "`llava-kit import`")
 

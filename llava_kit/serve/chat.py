@@ -47,6 +47,18 @@ class _CallbackStreamer(TextStreamer):
             self.callback(text)
 
 
+def stop_token_ids(tokenizer, template: str) -> list[int]:
+    """EOS and the template's end-of-turn marker, where it is a single token."""
+    stops = render([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], tokenizer,
+                   template).stop_strings
+    ids = {tokenizer.eos_token_id}
+    for s in stops:
+        token_ids = tokenizer.convert_tokens_to_ids([s])
+        if token_ids and token_ids[0] is not None and token_ids[0] != tokenizer.unk_token_id:
+            ids.add(token_ids[0])
+    return sorted(i for i in ids if i is not None)
+
+
 @dataclass
 class ChatSession:
     """A multi-turn conversation with images; `ask()` returns (and optionally streams) each answer."""
@@ -70,14 +82,7 @@ class ChatSession:
 
     def stop_token_ids(self) -> list[int]:
         """EOS and the template's end-of-turn marker, where it is a single token."""
-        stops = render([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
-                       self.tokenizer, self.settings.template).stop_strings
-        ids = {self.tokenizer.eos_token_id}
-        for s in stops:
-            token_ids = self.tokenizer.convert_tokens_to_ids([s])
-            if token_ids and token_ids[0] is not None and token_ids[0] != self.tokenizer.unk_token_id:
-                ids.add(token_ids[0])
-        return [i for i in ids if i is not None]
+        return stop_token_ids(self.tokenizer, self.settings.template)
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user message, generate the answer (streamed to `on_text` if given), and return it."""

@@ -14,6 +14,7 @@ Only trained weights are written; frozen parts are rebuilt from the paths in con
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,8 +31,40 @@ PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_SPEC = "projector.json"
 
 
+def weights_fingerprint(tensors) -> str:
+    """sha256 (first 16 hex digits) of named tensors' names, shapes and float32 values: same weights, same print."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors):
+        value = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{list(value.shape)};".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_identity(model: LlavaModel) -> dict | None:
+    """What a projector depends on: the tower's weights and layer choice, the LLM's architecture and embeddings.
+
+    The LLM is identified by its config and its input embeddings (not every weight: hashing a 7B model on each
+    load would take tens of seconds); LoRA leaves the embeddings alone, full fine-tuning changes them.
+    None when DeepSpeed ZeRO-3 has partitioned the weights (this process does not hold them whole).
+    """
+    tower = model.vision_tower
+    llm = causal_lm_of(model.language_model)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        logger.warning("weights are partitioned (ZeRO-3): the projector's record names the base models but holds "
+                       "no weight fingerprints, so loading it checks shapes, layer, strategy and template only")
+        return None
+    text_config = llm.config.get_text_config()
+    embeddings = llm.get_input_embeddings().weight
+    return {
+        "vision_weights": weights_fingerprint(tower.state_dict().items()),
+        "llm_model_type": text_config.model_type,
+        "llm_embeddings": weights_fingerprint([("embeddings", embeddings)]),
+    }
+
+
 def projector_spec(model: LlavaModel, cfg: RunConfig) -> dict:
-    """The projector's constructor arguments plus what it was trained against."""
+    """The projector's constructor arguments plus what it was trained against (checked by `load_projector`)."""
     tower = model.vision_tower
     return {
         "name": cfg.model.projector.name,
@@ -42,8 +75,39 @@ def projector_spec(model: LlavaModel, cfg: RunConfig) -> dict:
         "has_cls": tower.has_cls and cfg.model.vision.select_strategy == "full",
         "num_output_tokens": model.tokens_per_image,
         "trained_with": {"vision": tower.describe(), "llm": cfg.model.llm.name_or_path,
-                         "template": cfg.data.template, "stage": cfg.stage},
+                         "template": cfg.data.template, "stage": cfg.stage, "identity": base_identity(model)},
     }
+
+
+def provenance_mismatches(spec: dict, model: LlavaModel, template: str | None = None) -> list[str]:
+    """How `model` (and `template`, when given) differs from what the projector in `spec` was trained with.
+
+    A projector from a `plain`-template pretrain run may start a run with any template (LLaVA's recipe); a projector
+    trained with a chat template refuses another one. What a spec does not record (older runs) is not checked.
+    """
+    trained = spec.get("trained_with", {})
+    problems = []
+    vision = trained.get("vision", {})
+    for key, label in (("feature_layer", "vision feature layer"), ("select_strategy", "vision select strategy")):
+        value = getattr(model.vision_tower, key)
+        if key in vision and vision[key] != value:
+            problems.append(f"{label}: trained with {vision[key]}, this model has {value} "
+                            f"(set model.vision.{key}={vision[key]})")
+    saved = trained.get("identity")
+    current = base_identity(model) if saved else None
+    if saved and current:
+        checks = [("vision_weights", "vision tower weights", f"use the tower it was trained with ({vision.get('name_or_path')})"),
+                  ("llm_model_type", "LLM family", f"use the LLM it was trained with ({trained.get('llm')})"),
+                  ("llm_embeddings", "LLM (its embedding weights differ)",
+                   f"use the LLM it was trained with ({trained.get('llm')})")]
+        for key, label, fix in checks:
+            if key in saved and saved[key] != current[key]:
+                problems.append(f"{label}: trained with {saved[key]}, this model has {current[key]} ({fix})")
+    saved_template = trained.get("template")
+    if template is not None and saved_template not in (None, "plain", template):
+        problems.append(f"template: trained with {saved_template!r}, this run uses {template!r} (set "
+                        f"data.template={saved_template}, or start from a pretrain run's projector)")
+    return problems
 
 
 def save_projector(model: LlavaModel, out_dir: Path, spec: dict) -> None:
@@ -52,8 +116,12 @@ def save_projector(model: LlavaModel, out_dir: Path, spec: dict) -> None:
     (out_dir / PROJECTOR_SPEC).write_text(json.dumps(spec, indent=2))
 
 
-def load_projector(model: LlavaModel, source_dir: str | Path) -> None:
-    """Load projector weights saved in `source_dir`, refusing a projector built for other shapes."""
+def load_projector(model: LlavaModel, source_dir: str | Path, template: str | None = None) -> None:
+    """Load projector weights saved in `source_dir`, refusing a projector trained for another base.
+
+    Checked: shapes (tower width, grid, LLM width), and from `trained_with` the tower's weights, feature layer and
+    select strategy, the LLM's family and embeddings, and (when `template` is given) the chat template.
+    """
     source_dir = Path(source_dir)
     weights, spec_path = source_dir / PROJECTOR_WEIGHTS, source_dir / PROJECTOR_SPEC
     if not weights.is_file():
@@ -63,9 +131,11 @@ def load_projector(model: LlavaModel, source_dir: str | Path) -> None:
     expected = {"vision_width": tower.width, "grid": list(tower.grid),
                 "llm_width": causal_lm_of(model.language_model).config.get_text_config().hidden_size}
     mismatches = [f"{k}: saved {spec[k]}, this model {v}" for k, v in expected.items() if k in spec and spec[k] != v]
+    mismatches += provenance_mismatches(spec, model, template)
     if mismatches:
-        raise ValueError(f"the projector in {source_dir} was trained for another vision tower or LLM "
-                         f"({'; '.join(mismatches)}); use the same model.vision and model.llm as that run")
+        raise ValueError(f"the projector in {source_dir} was trained for another base; "
+                         f"{'; '.join(mismatches)}. Use the same model.vision, model.llm and template as that run, "
+                         "or train a new projector (stage pretrain)")
     state = load_file(str(weights))
     model.multi_modal_projector.load_state_dict(state)
 

@@ -164,7 +164,7 @@ def train(cfg: RunConfig) -> Path:
     else:
         model, tokenizer = build_llava(cfg.model, torch.float32)
         if cfg.model.init_from:
-            load_projector(model, cfg.model.init_from)
+            load_projector(model, cfg.model.init_from, template=cfg.data.template)
             logger.info("projector initialised from %s", cfg.model.init_from)
         apply_trainability(model, cfg.model.trainable, cfg.model.lora)
         args = training_arguments(cfg, precision)

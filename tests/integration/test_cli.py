@@ -13,7 +13,7 @@ from llava_kit.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = REPO / "assets" / "shapes_small"
-SUBCOMMANDS = ["demo", "init-tiny", "train", "merge", "chat", "eval", "data", "caption"]
+SUBCOMMANDS = ["demo", "init-tiny", "train", "merge", "chat", "eval", "data", "caption", "export", "serve", "import"]
 
 
 def test_every_subcommand_documents_every_option():
