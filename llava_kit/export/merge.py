@@ -27,6 +27,8 @@ from llava_kit.train.checkpoint import PROJECTOR_WEIGHTS, load_run, projector_sp
 logger = logging.getLogger(__name__)
 
 MERGED_SPEC = "llava_kit.json"
+TEXT_SPEC = "llava_kit_text.json"
+COMPLETION = "completion"  # inference "template" of text-pt models: the prompt is continued as plain text
 FORMAT_VERSION = 1
 
 
@@ -40,19 +42,35 @@ class InferenceSettings:
     max_seq_len: int
 
 
-def merge_text_run(run_dir: Path, cfg, out_dir: Path) -> Path:
-    """A text run (`text-pt`) merges into a plain transformers model directory (LoRA folded in)."""
+def text_inference_settings(cfg) -> InferenceSettings:
+    """How to prompt a text run's LLM: its chat template (text-sft), or plain continuation (text-pt)."""
+    template = cfg.data.template if cfg.stage == "text-sft" else COMPLETION
+    return InferenceSettings(template, cfg.data.system_prompt, "pad", cfg.data.max_seq_len)
+
+
+def load_text_run(run_dir: Path, cfg, dtype: torch.dtype = torch.float32):
+    """The LLM a text run trained (LoRA folded in) and its tokenizer."""
     from llava_kit.model.build import load_llm, load_tokenizer
 
     if (run_dir / "llm").is_dir():
-        llm, tokenizer = load_llm(str(run_dir / "llm")), load_tokenizer(str(run_dir / "llm"))
-    else:
-        from peft import PeftModel
+        return load_llm(str(run_dir / "llm"), dtype), load_tokenizer(str(run_dir / "llm"))
+    if not (run_dir / "adapter").is_dir():
+        raise FileNotFoundError(f"{run_dir} has neither llm/ nor adapter/; did its `llava-kit train` finish?")
+    from peft import PeftModel
 
-        llm = PeftModel.from_pretrained(load_llm(cfg.model.llm.name_or_path), str(run_dir / "adapter"))
-        llm, tokenizer = llm.merge_and_unload(), load_tokenizer(str(run_dir / "tokenizer"))
+    llm = PeftModel.from_pretrained(load_llm(cfg.model.llm.name_or_path, dtype), str(run_dir / "adapter"))
+    return llm.merge_and_unload(), load_tokenizer(str(run_dir / "tokenizer"))
+
+
+def merge_text_run(run_dir: Path, cfg, out_dir: Path) -> Path:
+    """A text run merges into a plain transformers model directory (LoRA folded in, onto the unquantised base
+    for QLoRA runs), plus `llava_kit_text.json` saying which chat template it was trained with."""
+    llm, tokenizer = load_text_run(run_dir, cfg)
     llm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    meta = {"format": "llava-kit-text", "version": FORMAT_VERSION, "stage": cfg.stage,
+            "inference": vars(text_inference_settings(cfg)), "merged_from": str(run_dir.resolve())}
+    (out_dir / TEXT_SPEC).write_text(json.dumps(meta, indent=2))
     logger.info("merged text run %s into %s (a plain transformers model directory)", run_dir, out_dir)
     return out_dir
 
@@ -103,17 +121,34 @@ def load_merged(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tu
     return model.eval(), tokenizer, InferenceSettings(**meta["inference"])
 
 
+def load_text_model(model_dir: Path, dtype: torch.dtype = torch.float32):
+    """A transformers causal LM directory for text chat; prompts as its llava_kit_text.json says, else with the
+    tokenizer's own chat template, else as plain continuation."""
+    from llava_kit.model.build import load_llm, load_tokenizer
+
+    tokenizer, llm = load_tokenizer(str(model_dir)), load_llm(str(model_dir), dtype)
+    if (model_dir / TEXT_SPEC).is_file():
+        settings = InferenceSettings(**json.loads((model_dir / TEXT_SPEC).read_text())["inference"])
+    else:
+        template = "tokenizer" if getattr(tokenizer, "chat_template", None) else COMPLETION
+        settings = InferenceSettings(template, None, "pad", 4096)
+    return llm.eval(), tokenizer, settings
+
+
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """Load a merged model directory or a run directory; returns (model, tokenizer, InferenceSettings)."""
     model_dir = Path(model_dir)
     if (model_dir / MERGED_SPEC).is_file():
         return load_merged(model_dir, dtype)
+    if (model_dir / "config.json").is_file():  # a plain transformers LLM: a merged text run, or any causal LM
+        return load_text_model(model_dir, dtype)
     if (model_dir / "config.yaml").is_file():
         from llava_kit.config import TEXT_STAGES, load_saved_config
 
-        if load_saved_config(model_dir).stage in TEXT_STAGES:
-            raise ValueError(f"{model_dir} is a text-only run: it has no vision tower or projector; use its LLM "
-                             "(`llava-kit merge` gives a transformers model dir) as model.llm of a pretrain run")
+        saved = load_saved_config(model_dir)
+        if saved.stage in TEXT_STAGES:
+            llm, tokenizer = load_text_run(model_dir, saved, dtype)
+            return llm.eval(), tokenizer, text_inference_settings(saved)
         model, tokenizer, cfg = load_run(model_dir, dtype)
         return model, tokenizer, InferenceSettings(cfg.data.template, cfg.data.system_prompt,
                                                    cfg.data.image_aspect, cfg.data.max_seq_len)

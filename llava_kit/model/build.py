@@ -47,26 +47,33 @@ def resize_embeddings_with_mean(llm, vocab_size: int) -> None:
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
 
 
-def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """Any transformers causal LM from a hub id or local directory."""
+def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32, quantization_config=None):
+    """Any transformers causal LM from a hub id or local directory (4-bit on this process's GPU with a
+    bitsandbytes `quantization_config`, for QLoRA)."""
+    import os
+
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    extra = {}
+    if quantization_config is not None:  # quantized weights are placed at load time, one GPU per process
+        extra = {"quantization_config": quantization_config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except OSError as err:
         raise ValueError(f"cannot load the LLM {name_or_path!r}: {err}") from None
 
 
 def build_llava(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                llm_path: str | None = None, tokenizer_path: str | None = None) -> tuple[LlavaModel, object]:
+                llm_path: str | None = None, tokenizer_path: str | None = None,
+                quantization_config=None) -> tuple[LlavaModel, object]:
     """Build tower + projector (fresh) + LLM from `model_cfg`; returns (model, tokenizer with `<image>`)."""
     v = model_cfg.vision
     tower = build_vision_tower(resolve_model_path(v.name_or_path), backend=v.backend, feature_layer=v.feature_layer,
                                select_strategy=v.select_strategy, pretrained=v.pretrained)
     llm_location = llm_path or model_cfg.llm.name_or_path
     tokenizer = load_tokenizer(tokenizer_path or model_cfg.llm.tokenizer or llm_location)
-    llm = load_llm(llm_location, dtype)
+    llm = load_llm(llm_location, dtype, quantization_config)
     image_token_id = add_image_token(tokenizer)
     resize_embeddings_with_mean(llm, len(tokenizer))
     has_cls = tower.has_cls and v.select_strategy == "full"
