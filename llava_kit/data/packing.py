@@ -4,7 +4,7 @@
 
 Each example is (input_ids, labels) and, for text-pt, already ends with EOS, so documents inside a block
 stay separated by EOS. `position_ids` restart at 0 at every example start; the collator then sends
-no attention mask, and transformers builds a block-diagonal causal mask from the restarting positions
+no attention mask (and use_cache=False), and transformers builds a block-diagonal causal mask from the restarting positions
 (`masking_utils.find_packed_sequence_indices`), so one document never attends to another.
 
 - `split_documents=True` (text-pt): examples are laid end to end and cut every `block_size` tokens;
@@ -28,10 +28,12 @@ class PackedBlock:
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
 
-    def add(self, ids: list[int], labels: list[int], first_position: int = 0) -> None:
+    def add(self, ids: list[int], labels: list[int], document_start: bool = True) -> None:
         self.input_ids += ids
-        self.labels += labels
-        self.position_ids += range(first_position, first_position + len(ids))
+        # The loss shifts labels by one: a document's first label would be "predicted" from the previous
+        # document's last token. Unpacked, that label is never used; packed, it is ignored to stay equivalent.
+        self.labels += ([IGNORE_INDEX] + labels[1:]) if document_start and labels else labels
+        self.position_ids += range(len(ids))
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -53,7 +55,7 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], block_size: int,
                     blocks.append(PackedBlock())
                     room = block_size
                 # a document cut at a block end continues at position 0 in the next block (a fresh row)
-                blocks[-1].add(ids[start:start + room], labels[start:start + room])
+                blocks[-1].add(ids[start:start + room], labels[start:start + room], document_start=start == 0)
                 start += room
             continue
         if len(ids) > block_size:
@@ -67,7 +69,7 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], block_size: int,
 
 @dataclass
 class PackedCollator:
-    """Stacks packed blocks: input_ids, labels and restarting position_ids, and no attention mask.
+    """Stacks packed blocks: input_ids, labels and restarting position_ids, no attention mask, no KV cache.
 
     Without an attention mask, transformers reads document boundaries from the position_ids. The
     (only) shorter last block is padded with pad tokens that form their own ignored "document".
@@ -86,4 +88,5 @@ class PackedCollator:
             labels[row, :n] = item["labels"]
             position_ids[row, :n] = item["position_ids"]
             position_ids[row, n:] = torch.arange(longest - n)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        # use_cache=False: with a KV cache object present transformers skips the packed-sequence mask
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
