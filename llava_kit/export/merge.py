@@ -136,8 +136,11 @@ def load_text_model(model_dir: Path, dtype: torch.dtype = torch.float32):
 
 
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a merged model directory or a run directory; returns (model, tokenizer, InferenceSettings)."""
-    model_dir = Path(model_dir)
+    """Load a merged model directory, a run directory or a transformers LLM directory (text chat);
+    returns (model, tokenizer, InferenceSettings)."""
+    from llava_kit.model.tiny import resolve_model_path
+
+    model_dir = Path(resolve_model_path(str(model_dir)))  # `tiny:llm` chats too (the untrained baseline)
     if (model_dir / MERGED_SPEC).is_file():
         return load_merged(model_dir, dtype)
     if (model_dir / "config.json").is_file():  # a plain transformers LLM: a merged text run, or any causal LM
@@ -152,6 +155,6 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32
         model, tokenizer, cfg = load_run(model_dir, dtype)
         return model, tokenizer, InferenceSettings(cfg.data.template, cfg.data.system_prompt,
                                                    cfg.data.image_aspect, cfg.data.max_seq_len)
-    raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}) nor a run directory (config.yaml); "
-                            "give the output of `llava-kit merge` or of `llava-kit train`")
+    raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}), a run directory (config.yaml) nor "
+                            "a transformers model (config.json); give the output of `llava-kit merge` or `llava-kit train`")
 
