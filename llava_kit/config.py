@@ -55,6 +55,8 @@ class LLMConfig:
     """Hub id or local directory of any causal LM transformers can load, or `tiny:llm`."""
     tokenizer: str | None = None
     """Tokenizer location when it differs from `name_or_path`."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (needed by e.g. InternLM2); only for sources you trust."""
 
 
 @dataclass
@@ -109,8 +111,8 @@ class DataConfig:
     """Data file(s): LLaVA JSON/JSONL for pretrain/sft; for text stages .txt, .json, .jsonl or a `datasets` hub name."""
     format: Literal["auto", "llava", "text", "alpaca", "sharegpt", "openai", "moss"] = "auto"
     """Record format of `path`: auto (detected from the keys), text, alpaca, sharegpt, openai, moss, llava."""
-    datasets: list[dict] = field(default_factory=list)
-    """Text stages: several datasets mixed in one run, instead of `path`; each entry has `path`, and optionally
+    datasets: list[Any] = field(default_factory=list)
+    """Text stages: several datasets mixed in one run, instead of `path`; each entry is a path, or has `path` and
     `format`, `weight` (copies of the dataset per epoch: 2.0 doubles it, 0.5 keeps a random half), and for hub
     names `split` (default train) and `subset`."""
     packing: bool | None = None
@@ -337,7 +339,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     if cfg.model.lora.r < 1 or cfg.model.lora.alpha <= 0:
         problems.append("`model.lora.r` must be >= 1 and `model.lora.alpha` > 0")
     if check_paths:
-        problems += _missing_paths(cfg, paths + [d.get("path") for d in cfg.data.datasets
+        entries = [{"path": d} if isinstance(d, str) else d for d in cfg.data.datasets]
+        problems += _missing_paths(cfg, paths + [d.get("path") for d in entries
                                                  if isinstance(d, dict) and isinstance(d.get("path"), str)])
     return problems
 
@@ -359,6 +362,8 @@ def _data_problems(cfg: RunConfig, paths: list[str]) -> list[str]:
         problems.append("`data.datasets` mixes text datasets; for pretrain/sft list the files in `data.path`")
     for i, entry in enumerate(d.datasets):
         key = f"data.datasets[{i}]"
+        if isinstance(entry, str):  # a bare path: weight 1, data.format
+            continue
         if not isinstance(entry, dict):
             problems.append(f"`{key}` must be a mapping like {{path: data.jsonl, weight: 1.0}}, got {entry!r}")
             continue

@@ -48,7 +48,8 @@ class DatasetSpec:
 def dataset_specs(data: DataConfig) -> list[DatasetSpec]:
     """The datasets of a run: `data.datasets` entries, or each `data.path` with weight 1 and `data.format`."""
     if data.datasets:
-        return [DatasetSpec(**{"format": data.format, **d}) for d in data.datasets]
+        entries = [{"path": d} if isinstance(d, str) else d for d in data.datasets]
+        return [DatasetSpec(**{"format": data.format, **d}) for d in entries]
     paths = data.path if isinstance(data.path, list) else [data.path]
     return [DatasetSpec(p, data.format) for p in paths if p]
 

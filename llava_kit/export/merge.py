@@ -52,14 +52,16 @@ def load_text_run(run_dir: Path, cfg, dtype: torch.dtype = torch.float32):
     """The LLM a text run trained (LoRA folded in) and its tokenizer."""
     from llava_kit.model.build import load_llm, load_tokenizer
 
+    remote_code = cfg.model.llm.trust_remote_code
     if (run_dir / "llm").is_dir():
-        return load_llm(str(run_dir / "llm"), dtype), load_tokenizer(str(run_dir / "llm"))
+        return load_llm(str(run_dir / "llm"), dtype, None, remote_code), load_tokenizer(str(run_dir / "llm"), remote_code)
     if not (run_dir / "adapter").is_dir():
         raise FileNotFoundError(f"{run_dir} has neither llm/ nor adapter/; did its `llava-kit train` finish?")
     from peft import PeftModel
 
-    llm = PeftModel.from_pretrained(load_llm(cfg.model.llm.name_or_path, dtype), str(run_dir / "adapter"))
-    return llm.merge_and_unload(), load_tokenizer(str(run_dir / "tokenizer"))
+    base = load_llm(cfg.model.llm.name_or_path, dtype, None, remote_code)
+    llm = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    return llm.merge_and_unload(), load_tokenizer(str(run_dir / "tokenizer"), remote_code)
 
 
 def merge_text_run(run_dir: Path, cfg, out_dir: Path) -> Path:
@@ -126,7 +128,9 @@ def load_text_model(model_dir: Path, dtype: torch.dtype = torch.float32):
     tokenizer's own chat template, else as plain continuation."""
     from llava_kit.model.build import load_llm, load_tokenizer
 
-    tokenizer, llm = load_tokenizer(str(model_dir)), load_llm(str(model_dir), dtype)
+    # a directory holding its own modeling code (auto_map, e.g. a merged InternLM2) is local code the user made
+    remote_code = "auto_map" in json.loads((model_dir / "config.json").read_text())
+    tokenizer, llm = load_tokenizer(str(model_dir), remote_code), load_llm(str(model_dir), dtype, None, remote_code)
     if (model_dir / TEXT_SPEC).is_file():
         settings = InferenceSettings(**json.loads((model_dir / TEXT_SPEC).read_text())["inference"])
     else:

@@ -96,9 +96,10 @@ def qlora_settings(cfg: RunConfig, precision: str):
 
 def build_text_model(cfg: RunConfig, precision: str = "fp32"):
     """The LLM alone for text stages: full fine-tuning, LoRA or QLoRA, as `model.trainable.llm` says."""
-    tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path)
+    remote_code = cfg.model.llm.trust_remote_code
+    tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, remote_code)
     dtype, quantization = qlora_settings(cfg, precision)
-    llm = load_llm(cfg.model.llm.name_or_path, dtype, quantization)
+    llm = load_llm(cfg.model.llm.name_or_path, dtype, quantization, remote_code)
     mode = cfg.model.trainable.llm
     if mode in ("lora", "qlora"):
         llm = add_lora(llm, cfg.model.lora, quantized=mode == "qlora",
