@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_init_tiny)
 
     p = sub.add_parser("train", help="train any stage from a YAML config",
-                       description="Train a stage (pretrain, sft, text-pt) from CONFIG.yaml; `key=value` arguments override "
+                       description="Train a stage (pretrain, sft, text-pt, text-sft) from CONFIG.yaml; `key=value` arguments override "
                                    "config keys (e.g. output_dir=runs/x train.max_steps=100 model.lora.r=16).")
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys, dotted for nesting")
@@ -157,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory of the merged model")
     p.set_defaults(handler=cmd_merge)
 
-    p = sub.add_parser("chat", help="chat about an image (interactive, or one-shot with --prompt)",
+    p = sub.add_parser("chat", help="chat about an image, or with a text model (interactive, or one-shot with --prompt)",
                        description="Interactive multi-turn chat with streamed answers (commands: /image PATH, "
                                    "/reset, /help, /exit). With --prompt: print only the answer on stdout and exit.")
     p.add_argument("--model", required=True, help="a merged model directory or a run directory")
-    p.add_argument("--image", help="image file to talk about")
+    p.add_argument("--image", help="image file to talk about (leave out for a text model: a merged text-pt/text-sft run)")
     p.add_argument("--prompt", help="one-shot question: print only the answer and exit")
     _add_generation_options(p)
     p.set_defaults(handler=cmd_chat)

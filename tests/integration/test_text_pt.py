@@ -34,12 +34,16 @@ def test_text_pt_learns_captions_and_feeds_a_pretrain_run(tiny_dirs, tmp_path, m
     assert losses[-1] < 0.5 * losses[0], losses
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["kept"] == 60 and report["skipped"] == 1  # the broken line, reported
+    assert report["datasets"][0]["in_mixture"] == 60  # packed (the text-pt default) into blocks of max_seq_len
 
     # a plain transformers model directory that ends its captions with EOS
     llm, tokenizer = load_llm(str(run_dir / "llm")), load_tokenizer(str(run_dir / "llm"))
     prompt = torch.tensor([[tokenizer.bos_token_id, *tokenizer("A red", add_special_tokens=False)["input_ids"]]])
     out = llm.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert tokenizer.eos_token_id in out[0, prompt.shape[1]:].tolist()
+    untrained = load_llm(str(tiny_dirs["llm"])).generate(prompt, max_new_tokens=20, do_sample=False,
+                                                        pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.eos_token_id not in untrained[0, prompt.shape[1]:].tolist()  # the untrained model runs on
 
     # `merge` of a text run gives the same plain transformers model
     from llava_kit.export.merge import merge_run
