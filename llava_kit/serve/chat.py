@@ -136,6 +136,8 @@ def answer_batch(session: ChatSession, questions: list[tuple[str | None, str]]) 
     Same prompts as `answer_once` (each in a fresh conversation), left-padded so that every row's answer
     starts at the same position; used by `eval`, where one-by-one generation dominates the time.
     """
+    if session.text_only:  # a plain causal LM: one by one through `ask` (its prompts differ, see _prompt_ids)
+        return [answer_once(session, image, prompt) for image, prompt in questions]
     prompts, images = [], []
     tower = session.model.vision_tower
     for image, prompt in questions:

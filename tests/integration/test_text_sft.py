@@ -82,3 +82,21 @@ def test_identity_recipe_as_a_user_runs_it(tmp_path):
     assert "Lumen" not in run("chat", "--model", "tiny:llm", "--prompt", "Who are you?", "--max-new-tokens", "24")
     for prompt in ["Who are you?", *HELD_OUT]:
         assert "Lumen" in run("chat", "--model", str(tmp_path / "merged"), "--prompt", prompt), prompt
+
+
+@pytest.mark.slow
+def test_text_sft_under_torchrun_zero3_builds_the_token_cache_once(tmp_path):
+    """Two processes start together: one tokenises, the other reads its cache entry; ZeRO-3 saves a whole adapter."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLAVA_KIT_HOME": str(tmp_path / "home"),
+           "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_extensions")}
+    out = tmp_path / "z3"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llava_kit.cli", "train",
+         str(IDENTITY), f"output_dir={out}", "train.max_steps=3", "data.packing=true",
+         "train.deepspeed=configs/deepspeed/zero3.json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("(token cache: miss)") == 1 and done.stderr.count("(token cache: hit)") == 1
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered, not empty ZeRO-3 partitions
