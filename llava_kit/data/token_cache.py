@@ -31,7 +31,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the stored layout or the encoding code changes meaning
+CACHE_FORMAT = 2  # bump when the stored layout or the encoding code changes meaning
 
 
 @dataclass
@@ -73,7 +73,7 @@ def default_cache_dir() -> Path:
 def _flatten(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(r) for r in rows])
-    flat = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(offsets[-1]))
+    flat = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))  # ids and -100 fit
     return flat, offsets
 
 
