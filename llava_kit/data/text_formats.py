@@ -4,7 +4,7 @@
 
 Formats (`data.format`; `auto` detects each record's format from its keys):
 
-- `alpaca`    {"instruction", "input" (optional), "output", "system" (optional)}; input joins the
+- `alpaca`    {"instruction", "input" (optional), "output", "system", "history" (optional)}; input joins the
               instruction after a blank line.
 - `sharegpt`  {"conversations": [{"from": "human"|"gpt"|"system", "value"}], "system" (optional)}
               (also LLaVA JSON without images, and `user`/`assistant` role names).
@@ -84,13 +84,20 @@ def _string(record: dict, key: str, required: bool = True) -> str:
 
 
 def alpaca_messages(record: dict) -> list[dict]:
-    """Alpaca instruction/input/output (+ optional system) -> messages."""
+    """Alpaca instruction/input/output (+ optional system, and `history` [[question, answer], ...] of earlier
+    turns, as LLaMA-Factory writes multi-turn Alpaca) -> messages."""
     instruction, extra = _string(record, "instruction"), _string(record, "input", required=False)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     if not user.strip():
         raise ValueError("empty instruction")
     system = _string(record, "system", required=False)
     messages = [{"role": "system", "content": system}] if system.strip() else []
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+        raise ValueError("`history` must be a list of [question, answer] string pairs")
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, "output")}]
 
 
@@ -120,8 +127,25 @@ def sharegpt_messages(record: dict) -> list[dict]:
 
 
 def openai_messages(record: dict) -> list[dict]:
-    """OpenAI chat fine-tuning `messages` (role/content) -> messages."""
-    return _turns(record.get("messages"), "role", "content", OPENAI_ROLES, "system/user/assistant")
+    """OpenAI chat fine-tuning `messages` (role/content; content a string or a list of text parts) -> messages."""
+    turns = record.get("messages")
+    if isinstance(turns, list):
+        turns = [_with_text_content(t) for t in turns]
+    return _turns(turns, "role", "content", OPENAI_ROLES, "system/user/assistant")
+
+
+def _with_text_content(turn):
+    """A turn whose `content` is a list of parts [{"type": "text", "text": ...}] gets the texts joined; any other
+    part (images, audio) is refused."""
+    if not isinstance(turn, dict) or not isinstance(turn.get("content"), list):
+        return turn
+    texts = []
+    for part in turn["content"]:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"a content part of type {kind!r}: text stages read text parts only")
+        texts.append(part["text"])
+    return {**turn, "content": "\n".join(texts)}
 
 
 def _moss_text(turn: dict, key: str, turn_name: str) -> str:

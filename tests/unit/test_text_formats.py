@@ -121,3 +121,18 @@ def test_bad_records_are_kept_with_their_reasons(tmp_path):
     for record, (_, reason) in zip(bad, BAD, strict=True):
         assert reason in record.reason, (record, reason)
     assert [b.source for b in bad] == [f"mixed.jsonl:{i}" for i in range(2, 2 + len(BAD))]
+
+
+def test_alpaca_history_and_openai_text_parts_become_turns():
+    alpaca = {"instruction": "And now?", "output": "Still Lumen.", "history": [["Who are you?", "I am Lumen."]]}
+    assert record_to_text_sample(alpaca, "x", "auto").messages == [
+        {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Lumen."},
+        {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Still Lumen."}]
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "you"}]},
+                          {"role": "assistant", "content": "Hello."}]}
+    assert record_to_text_sample(parts, "x", "openai").messages[0] == {"role": "user", "content": "Hi\nyou"}
+    parts["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "x"}})
+    with pytest.raises(ValueError, match="type 'image_url': text stages read text parts only"):
+        record_to_text_sample(parts, "x", "openai")
+    with pytest.raises(ValueError, match="`history` must be a list"):
+        record_to_text_sample({**alpaca, "history": [["only a question"]]}, "x", "alpaca")
