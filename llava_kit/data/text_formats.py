@@ -1,6 +1,6 @@
 """Readers for text-only conversation formats -> the canonical `Sample` (no images, `{role, content}` messages).
 
-    samples, bad = read_conversations("alpaca.json", "auto")
+    samples, bad = read_conversation_records(iter_file_records(Path("alpaca.json")), "auto")
 
 Formats (`data.format`; `auto` detects each record's format from its keys):
 
