@@ -324,6 +324,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         problems.append(f"stage `{cfg.stage}` trains the LLM; set `model.trainable.llm` to lora or full")
     if cfg.stage == "pretrain" and cfg.model.trainable.llm not in (None, "frozen"):
         problems.append("stage `pretrain` trains only the projector; remove `model.trainable.llm` or use stage `sft`")
+    if cfg.model.trainable.llm == "qlora":
+        problems += _qlora_problems(cfg)
     if cfg.data.max_seq_len < 16:
         problems.append(f"`data.max_seq_len` is {cfg.data.max_seq_len}; it must be at least 16")
     t = cfg.train
@@ -342,6 +344,25 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         entries = [{"path": d} if isinstance(d, str) else d for d in cfg.data.datasets]
         problems += _missing_paths(cfg, paths + [d.get("path") for d in entries
                                                  if isinstance(d, dict) and isinstance(d.get("path"), str)])
+    return problems
+
+
+def _qlora_problems(cfg: RunConfig) -> list[str]:
+    """QLoRA needs the GPU, and its 4-bit weights cannot be sharded by ZeRO-3 here."""
+    problems = []
+    if cfg.train.use_cpu:
+        problems.append("`model.trainable.llm` qlora needs a CUDA GPU but `train.use_cpu` is true; use lora on a CPU")
+    ds = cfg.train.deepspeed
+    if ds and Path(ds).is_file():
+        import json
+
+        try:
+            stage = json.loads(Path(ds).read_text()).get("zero_optimization", {}).get("stage")
+        except (ValueError, AttributeError):
+            stage = None
+        if stage == 3:
+            problems.append(f"`model.trainable.llm` qlora with ZeRO-3 ({ds}) is not supported; use "
+                            "configs/deepspeed/zero2.json, or lora with ZeRO-3")
     return problems
 
 

@@ -119,3 +119,19 @@ def test_qlora_quantization_is_nf4_with_double_quantization():
     q = qlora_quantization_config(torch.bfloat16)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+
+def test_qlora_on_cpu_or_with_zero3_is_refused_up_front(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the shipped DeepSpeed configs
+    cfg = text_cfg(tmp_path, path="a.jsonl")
+    cfg["model"]["trainable"] = {"llm": "qlora"}
+    cfg["train"] = {"use_cpu": True, "deepspeed": "configs/deepspeed/zero3.json"}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(cfg, check_paths=False)
+    assert "qlora needs a CUDA GPU but `train.use_cpu` is true" in str(err.value)
+    assert "qlora with ZeRO-3 (configs/deepspeed/zero3.json) is not supported" in str(err.value)
+    cfg["train"] = {"deepspeed": "configs/deepspeed/zero2.json"}
+    assert config_from_dict(cfg, check_paths=False).model.trainable.llm == "qlora"
