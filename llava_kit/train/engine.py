@@ -165,9 +165,13 @@ def train(cfg: RunConfig) -> Path:
         _, quantization = qlora_settings(cfg, precision)
         model, tokenizer = build_llava(cfg.model, torch.float32, quantization_config=quantization)
         if quantization is not None:  # the 4-bit LLM sits on its GPU already; tower and projector join it
+            from transformers.utils.quantization_config import QuantizationMethod
+
             device = next(model.language_model.parameters()).device
             model.vision_tower.to(device)
             model.multi_modal_projector.to(device)
+            # the Trainer skips its own .to(device) for bitsandbytes models (4-bit weights must not be moved)
+            model.quantization_method = QuantizationMethod.BITS_AND_BYTES
         if cfg.model.init_from:
             load_projector(model, cfg.model.init_from)
             logger.info("projector initialised from %s", cfg.model.init_from)
