@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from llava_kit.config import ConfigError, LoraConfig, config_from_dict
 
@@ -135,3 +136,24 @@ def test_qlora_on_cpu_or_with_zero3_is_refused_up_front(tmp_path, monkeypatch):
     assert "qlora with ZeRO-3 (configs/deepspeed/zero3.json) is not supported" in str(err.value)
     cfg["train"] = {"deepspeed": "configs/deepspeed/zero2.json"}
     assert config_from_dict(cfg, check_paths=False).model.trainable.llm == "qlora"
+
+
+def test_qlora_code_path_with_the_4bit_load_stubbed(tmp_path, tiny_dirs, monkeypatch):
+    """Everything of a QLoRA run but the 4-bit load (no GPU here): k-bit preparation, LoRA, saving, merging."""
+    import llava_kit.train.engine as engine
+    from llava_kit.export.merge import merge_run
+
+    monkeypatch.setattr(engine, "check_qlora_available", lambda: None)
+    monkeypatch.setattr(engine, "qlora_settings", lambda cfg, precision: (torch.float32, None))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Who are you?"},
+                                             {"role": "assistant", "content": "I am Lumen."}]}) + "\n")
+    cfg = text_cfg(tmp_path, path=str(data))
+    cfg["model"] = {"llm": {"name_or_path": str(tiny_dirs["llm"])}, "trainable": {"llm": "qlora"},
+                    "lora": {"r": 4, "alpha": 8, "use_dora": True}}
+    cfg["train"] = {"max_steps": 2, "micro_batch_size": 1, "report_to": "none", "logging_steps": 1}
+    run_dir = engine.train(config_from_dict(cfg))
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    merged = merge_run(run_dir, tmp_path / "merged")
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
