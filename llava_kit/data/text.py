@@ -197,7 +197,8 @@ def build_text_dataset(data: DataConfig, stage: str, tokenizer, seed: int = 0) -
                     len(rows), len(bad), spec.weight, len(taken), report.datasets[-1]["cache"])
     report.kept = report.total - len(report.skipped)
     if not mixed:
-        raise BadRecordError("no usable records: every record was skipped (see the reasons above)")
+        raise BadRecordError(f"no usable records: every record was skipped (by reason: {report.reasons()}); "
+                             "run `llava-kit data check` with the training config to list them")
     if data.packing:
         rng.shuffle(mixed)  # interleave the datasets before laying examples into blocks
         blocks = pack_examples(mixed, data.max_seq_len, split_documents=stage == "text-pt")
