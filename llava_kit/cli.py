@@ -119,16 +119,43 @@ def cmd_init_tiny(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from llava_kit.data.check import TokenCheck, check_records
 
-    tokens = None
+    tokens, cfg = None, None
     if args.config:
         from llava_kit.config import load_config
-        from llava_kit.model.build import build_llava
 
         cfg = load_config(args.config, ["output_dir=unused"])  # a check writes nothing; any output_dir will do
+    if (cfg is not None and cfg.stage in ("text-pt", "text-sft")) or args.format not in (None, "llava"):
+        return _data_check_text(args, cfg, args.format or cfg.data.format)
+    if not args.image_root:
+        raise ValueError("--image-root is required for LLaVA data (give --format for text data)")
+    if cfg is not None:
+        from llava_kit.model.build import build_llava
+
         model, tokenizer = build_llava(cfg.model)
         tokens = TokenCheck(tokenizer, cfg.data.template, model.image_token_id, model.tokens_per_image,
                             cfg.data.max_seq_len)
     valid, bad = check_records(args.data, args.image_root, tokens)
+    for record in bad:
+        print(f"{record.source}\t{record.id or '-'}\t{record.reason}", file=args.results)
+    print(f"valid: {valid} invalid: {len(bad)}", file=args.results)
+    return 0 if not bad else 1
+
+
+def _data_check_text(args: argparse.Namespace, cfg, text_format: str) -> int:
+    from llava_kit.config import DataConfig
+    from llava_kit.data.check import check_text_records
+
+    tokenizer = None
+    if cfg is not None:
+        from llava_kit.model.build import load_tokenizer
+
+        stage, data = cfg.stage, cfg.data
+        tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path,
+                                   cfg.model.llm.trust_remote_code)
+    else:
+        stage, data = ("text-pt" if text_format == "text" else "text-sft"), DataConfig()
+    data.format = "auto" if text_format == "text" else text_format
+    valid, bad = check_text_records(args.data, data, stage, tokenizer)
     for record in bad:
         print(f"{record.source}\t{record.id or '-'}\t{record.reason}", file=args.results)
     print(f"valid: {valid} invalid: {len(bad)}", file=args.results)
@@ -176,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_init_tiny)
 
     p = sub.add_parser("train", help="train any stage from a YAML config",
-                       description="Train a stage (pretrain, sft, text-pt) from CONFIG.yaml; `key=value` arguments override "
+                       description="Train a stage (pretrain, sft, text-pt, text-sft) from CONFIG.yaml; `key=value` arguments override "
                                    "config keys (e.g. output_dir=runs/x train.max_steps=100 model.lora.r=16).")
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys, dotted for nesting")
@@ -209,11 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision", help="original LLaVA only: a local copy of the config's mm_vision_tower")
     p.set_defaults(handler=cmd_import)
 
-    p = sub.add_parser("chat", help="chat about an image (interactive, or one-shot with --prompt)",
+    p = sub.add_parser("chat", help="chat about an image, or with a text model (interactive, or one-shot with --prompt)",
                        description="Interactive multi-turn chat with streamed answers (commands: /image PATH, "
                                    "/reset, /help, /exit). With --prompt: print only the answer on stdout and exit.")
     p.add_argument("--model", required=True, help="a merged model directory or a run directory")
-    p.add_argument("--image", help="image file to talk about")
+    p.add_argument("--image", help="image file to talk about (leave out for a text model: a merged text-pt/text-sft run)")
     p.add_argument("--prompt", help="one-shot question: print only the answer and exit")
     _add_generation_options(p)
     p.set_defaults(handler=cmd_chat)
@@ -256,8 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Pre-flight check of LLaVA JSON/JSONL: broken lines, roles, empty answers, "
                                         "<image> counts, missing/unreadable/escaping images; with --config also "
                                         "over-long samples and fully masked labels. Exit code 1 when any is bad.")
-    c.add_argument("data", nargs="+", help="LLaVA JSON or JSONL file(s)")
-    c.add_argument("--image-root", required=True, help="directory the `image` paths are relative to")
+    c.add_argument("data", nargs="+", help="LLaVA JSON or JSONL file(s), or text data with --format")
+    c.add_argument("--image-root", help="directory the `image` paths are relative to (LLaVA data)")
+    c.add_argument("--format", choices=["llava", "text", "alpaca", "sharegpt", "openai", "moss", "auto"],
+                   help="text data: `text` (text-pt), a conversation format or `auto` (text-sft); "
+                        "default: llava, or the format of a text-stage --config")
     c.add_argument("--config", help="a training config: also check lengths and labels with its tokenizer/template")
     c.set_defaults(handler=cmd_data_check)
 

@@ -19,9 +19,11 @@ from typing import Any, Literal
 
 import yaml
 
-STAGES = ("pretrain", "sft", "text-pt")
+STAGES = ("pretrain", "sft", "text-pt", "text-sft")
 MULTIMODAL_STAGES = ("pretrain", "sft")
-TEXT_STAGES = ("text-pt",)
+TEXT_STAGES = ("text-pt", "text-sft")
+DATA_FORMATS = ("auto", "llava", "text", "alpaca", "sharegpt", "openai", "moss")
+DATASET_KEYS = ("path", "format", "weight", "split", "subset")
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,8 @@ class LLMConfig:
     """Hub id or local directory of any causal LM transformers can load, or `tiny:llm`."""
     tokenizer: str | None = None
     """Tokenizer location when it differs from `name_or_path`."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (needed by e.g. InternLM2); only for sources you trust."""
 
 
 @dataclass
@@ -72,7 +76,11 @@ class LoraConfig:
     dropout: float = 0.05
     """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
-    """`all-linear` or a list of module names (e.g. [q_proj, v_proj])."""
+    """`all-linear` (every linear layer but the LM head) or a list of module names (e.g. [q_proj, v_proj])."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (peft): scale = alpha / sqrt(r) instead of alpha / r."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (peft DoRA): slower per step, often better at low rank."""
 
 
 @dataclass
@@ -81,8 +89,9 @@ class TrainableConfig:
     """Vision tower: frozen (default) or full."""
     projector: Literal["frozen", "full"] | None = None
     """Projector: full (default) or frozen."""
-    llm: Literal["frozen", "lora", "full"] | None = None
-    """LLM: frozen for pretrain, lora for sft by default; full fine-tunes every weight."""
+    llm: Literal["frozen", "lora", "qlora", "full"] | None = None
+    """LLM: frozen for pretrain, lora for sft and text stages by default; full fine-tunes every weight;
+    qlora is LoRA on a 4-bit (NF4) base, which needs a CUDA GPU and bitsandbytes."""
 
 
 @dataclass
@@ -99,7 +108,17 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | list[str] = ""
-    """LLaVA JSON/JSONL file(s)."""
+    """Data file(s): LLaVA JSON/JSONL for pretrain/sft; for text stages .txt, .json, .jsonl or a `datasets` hub name."""
+    format: Literal["auto", "llava", "text", "alpaca", "sharegpt", "openai", "moss"] = "auto"
+    """Record format of `path`: auto (detected from the keys), text, alpaca, sharegpt, openai, moss, llava."""
+    datasets: list[Any] = field(default_factory=list)
+    """Text stages: several datasets mixed in one run, instead of `path`; each entry is a path, or has `path` and
+    `format`, `weight` (copies of the dataset per epoch: 2.0 doubles it, 0.5 keeps a random half), and for hub
+    names `split` (default train) and `subset`."""
+    packing: bool | None = None
+    """Concatenate examples into blocks of max_seq_len tokens (no padding, no token lost); default: on for text-pt."""
+    cache: bool = True
+    """Cache tokenised text data under $LLAVA_KIT_HOME/cache/tokens, so a second run starts fast."""
     image_root: str = ""
     """Directory the `image` paths are relative to."""
     template: str = "plain"
@@ -161,8 +180,9 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    stage: Literal["pretrain", "sft", "text-pt"] = "pretrain"
-    """pretrain (projector only), sft (projector + LoRA on the LLM), text-pt (the LLM alone on raw text)."""
+    stage: Literal["pretrain", "sft", "text-pt", "text-sft"] = "pretrain"
+    """pretrain (projector only), sft (projector + LoRA on the LLM), text-pt (the LLM alone on raw text, loss on
+    every token), text-sft (the LLM alone on conversations, loss on the answers)."""
     output_dir: str = ""
     """The run directory: resolved config, trained weights, metrics, loss plot, checkpoints."""
     seed: int = 0
@@ -178,6 +198,10 @@ class RunConfig:
         t.llm = t.llm or ("frozen" if self.stage == "pretrain" else "lora")
         if self.stage in TEXT_STAGES:  # no tower, no projector in a text-only run
             t.vision, t.projector = "frozen", "frozen"
+            if self.data.packing is None:
+                self.data.packing = self.stage == "text-pt"
+        elif self.data.packing is None:
+            self.data.packing = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,8 +313,10 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     if not cfg.model.llm.name_or_path:
         problems.append("`model.llm.name_or_path` is empty; e.g. lmsys/vicuna-7b-v1.5 or tiny:llm")
     paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
-    if not any(paths):
-        problems.append("`data.path` is empty; point it at a LLaVA JSON or JSONL file")
+    if not any(paths) and not cfg.data.datasets:
+        problems.append("`data.path` is empty; point it at a LLaVA JSON or JSONL file"
+                        + (" (or a text file, or list several in `data.datasets`)" if not multimodal else ""))
+    problems += _data_problems(cfg, paths)
     if multimodal and not cfg.data.image_root:
         problems.append("`data.image_root` is empty; set the directory the records' `image` paths are relative to")
     from llava_kit.data.templates import TEMPLATE_NAMES  # local import: templates imports nothing heavy
@@ -303,6 +329,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         problems.append(f"stage `{cfg.stage}` trains the LLM; set `model.trainable.llm` to lora or full")
     if cfg.stage == "pretrain" and cfg.model.trainable.llm not in (None, "frozen"):
         problems.append("stage `pretrain` trains only the projector; remove `model.trainable.llm` or use stage `sft`")
+    if cfg.model.trainable.llm == "qlora":
+        problems += _qlora_problems(cfg)
     if cfg.data.max_seq_len < 16:
         problems.append(f"`data.max_seq_len` is {cfg.data.max_seq_len}; it must be at least 16")
     t = cfg.train
@@ -318,14 +346,86 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     if cfg.model.lora.r < 1 or cfg.model.lora.alpha <= 0:
         problems.append("`model.lora.r` must be >= 1 and `model.lora.alpha` > 0")
     if check_paths:
-        problems += _missing_paths(cfg, paths)
+        entries = [{"path": d} if isinstance(d, str) else d for d in cfg.data.datasets]
+        problems += _missing_paths(cfg, paths + [d.get("path") for d in entries
+                                                 if isinstance(d, dict) and isinstance(d.get("path"), str)])
     return problems
+
+
+def _qlora_problems(cfg: RunConfig) -> list[str]:
+    """QLoRA needs the GPU, and its 4-bit weights cannot be sharded by ZeRO-3 here."""
+    problems = []
+    if cfg.train.use_cpu:
+        problems.append("`model.trainable.llm` qlora needs a CUDA GPU but `train.use_cpu` is true; use lora on a CPU")
+    ds = cfg.train.deepspeed
+    if ds and Path(ds).is_file():
+        import json
+
+        try:
+            stage = json.loads(Path(ds).read_text()).get("zero_optimization", {}).get("stage")
+        except (ValueError, AttributeError):
+            stage = None
+        if stage == 3:
+            problems.append(f"`model.trainable.llm` qlora with ZeRO-3 ({ds}) is not supported; use "
+                            "configs/deepspeed/zero2.json, or lora with ZeRO-3")
+    return problems
+
+
+# Formats each stage reads: raw text for text-pt, conversations for text-sft, LLaVA JSON for the multimodal stages.
+STAGE_FORMATS = {"pretrain": ("auto", "llava"), "sft": ("auto", "llava"), "text-pt": ("auto", "text"),
+                 "text-sft": ("auto", "alpaca", "sharegpt", "openai", "moss", "llava")}
+
+
+def _data_problems(cfg: RunConfig, paths: list[str]) -> list[str]:
+    """Checks of `data.format`, `data.datasets`, `data.packing` and the template against the stage."""
+    problems, d, stage = [], cfg.data, cfg.stage
+    valid = STAGE_FORMATS[stage]
+    if d.format not in valid:
+        problems.append(f"`data.format` {d.format!r} is not read by stage `{stage}` (valid: {', '.join(valid)})")
+    if d.datasets and any(paths):
+        problems.append("set either `data.path` or `data.datasets`, not both (a path is a dataset entry with weight 1)")
+    if d.datasets and stage not in TEXT_STAGES:
+        problems.append("`data.datasets` mixes text datasets; for pretrain/sft list the files in `data.path`")
+    for i, entry in enumerate(d.datasets):
+        key = f"data.datasets[{i}]"
+        if isinstance(entry, str):  # a bare path: weight 1, data.format
+            continue
+        if not isinstance(entry, dict):
+            problems.append(f"`{key}` must be a mapping like {{path: data.jsonl, weight: 1.0}}, got {entry!r}")
+            continue
+        for k in entry:
+            if k not in DATASET_KEYS:
+                close = difflib.get_close_matches(str(k), DATASET_KEYS, n=1, cutoff=0.5)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
+                problems.append(f"unknown key `{key}.{k}`{hint} (valid keys here: {', '.join(DATASET_KEYS)})")
+        if not isinstance(entry.get("path"), str) or not entry.get("path"):
+            problems.append(f"`{key}.path` is missing; give a data file or a `datasets` hub name")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            problems.append(f"`{key}.weight` must be a number > 0 (copies per epoch), got {weight!r}")
+        if entry.get("format", "auto") not in valid:
+            problems.append(f"`{key}.format` {entry.get('format')!r} is not read by stage `{stage}` "
+                            f"(valid: {', '.join(valid)})")
+        for k in ("split", "subset"):
+            if k in entry and not isinstance(entry[k], str):
+                problems.append(f"`{key}.{k}` must be a string, got {entry[k]!r}")
+    if d.packing and stage not in TEXT_STAGES:
+        problems.append("`data.packing` is for text stages (text-pt, text-sft); remove it for multimodal stages")
+    if stage == "text-sft" and d.template == "plain":
+        problems.append("stage `text-sft` needs a chat template; set `data.template` to chatml, vicuna_v1 or "
+                        "tokenizer (`plain` drops the user's text)")
+    return problems
+
+
+def looks_like_hub_name(path: str) -> bool:
+    """True for `owner/name` or `name` without a file suffix (loaded with `datasets.load_dataset`)."""
+    return not Path(path).suffix and not Path(path).exists() and path.count("/") <= 1 and " " not in path
 
 
 def _missing_paths(cfg: RunConfig, data_paths: list[str]) -> list[str]:
     problems = []
     for p in data_paths:
-        if p and not Path(p).is_file():
+        if p and not Path(p).is_file() and not (cfg.stage in TEXT_STAGES and looks_like_hub_name(p)):
             problems.append(f"`data.path` file {p!r} does not exist")
     if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
         problems.append(f"`data.image_root` {cfg.data.image_root!r} is not a directory")

@@ -147,33 +147,6 @@ class LlavaDataset(Dataset):
         return item
 
 
-class TextDataset(Dataset):
-    """`text-pt` documents: `<bos> text <eos>`, loss on every token (see data/text.py)."""
-
-    def __init__(self, documents: list[tuple[str, str]], tokenizer, max_seq_len: int, bad_records: str = "skip",
-                 prior_bad: list[BadRecord] | None = None):
-        from llava_kit.data.text import encode_document
-
-        self.report = DataReport(total=len(documents) + len(prior_bad or []))
-        for bad in prior_bad or []:
-            reject(self.report, bad, bad_records)
-        self.examples = []
-        for _, text in documents:
-            ids, labels, truncated = encode_document(text, tokenizer, max_seq_len)
-            self.report.truncated += truncated
-            self.examples.append(Example(ids, labels, []))
-        self.report.kept = len(self.examples)
-        if not self.examples:
-            raise BadRecordError("no usable documents: every record was skipped (see the reasons above)")
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
-        return {"input_ids": torch.tensor(example.input_ids), "labels": torch.tensor(example.labels)}
-
-
 @dataclass
 class Collator:
     """Pads a list of examples into a batch; concatenates their images in order."""

@@ -27,6 +27,8 @@ from llava_kit.train.checkpoint import PROJECTOR_WEIGHTS, load_run, projector_sp
 logger = logging.getLogger(__name__)
 
 MERGED_SPEC = "llava_kit.json"
+TEXT_SPEC = "llava_kit_text.json"
+COMPLETION = "completion"  # inference "template" of text-pt models: the prompt is continued as plain text
 FORMAT_VERSION = 1
 
 
@@ -40,19 +42,37 @@ class InferenceSettings:
     max_seq_len: int
 
 
-def merge_text_run(run_dir: Path, cfg, out_dir: Path) -> Path:
-    """A text run (`text-pt`) merges into a plain transformers model directory (LoRA folded in)."""
+def text_inference_settings(cfg) -> InferenceSettings:
+    """How to prompt a text run's LLM: its chat template (text-sft), or plain continuation (text-pt)."""
+    template = cfg.data.template if cfg.stage == "text-sft" else COMPLETION
+    return InferenceSettings(template, cfg.data.system_prompt, "pad", cfg.data.max_seq_len)
+
+
+def load_text_run(run_dir: Path, cfg, dtype: torch.dtype = torch.float32):
+    """The LLM a text run trained (LoRA folded in) and its tokenizer."""
     from llava_kit.model.build import load_llm, load_tokenizer
 
+    remote_code = cfg.model.llm.trust_remote_code
     if (run_dir / "llm").is_dir():
-        llm, tokenizer = load_llm(str(run_dir / "llm")), load_tokenizer(str(run_dir / "llm"))
-    else:
-        from peft import PeftModel
+        return load_llm(str(run_dir / "llm"), dtype, None, remote_code), load_tokenizer(str(run_dir / "llm"), remote_code)
+    if not (run_dir / "adapter").is_dir():
+        raise FileNotFoundError(f"{run_dir} has neither llm/ nor adapter/; did its `llava-kit train` finish?")
+    from peft import PeftModel
 
-        llm = PeftModel.from_pretrained(load_llm(cfg.model.llm.name_or_path), str(run_dir / "adapter"))
-        llm, tokenizer = llm.merge_and_unload(), load_tokenizer(str(run_dir / "tokenizer"))
+    base = load_llm(cfg.model.llm.name_or_path, dtype, None, remote_code)
+    llm = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    return llm.merge_and_unload(), load_tokenizer(str(run_dir / "tokenizer"), remote_code)
+
+
+def merge_text_run(run_dir: Path, cfg, out_dir: Path) -> Path:
+    """A text run merges into a plain transformers model directory (LoRA folded in, onto the unquantised base
+    for QLoRA runs), plus `llava_kit_text.json` saying which chat template it was trained with."""
+    llm, tokenizer = load_text_run(run_dir, cfg)
     llm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    meta = {"format": "llava-kit-text", "version": FORMAT_VERSION, "stage": cfg.stage,
+            "inference": vars(text_inference_settings(cfg)), "merged_from": str(run_dir.resolve())}
+    (out_dir / TEXT_SPEC).write_text(json.dumps(meta, indent=2))
     logger.info("merged text run %s into %s (a plain transformers model directory)", run_dir, out_dir)
     return out_dir
 
@@ -120,28 +140,51 @@ def load_merged(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tu
     return model.eval(), tokenizer, InferenceSettings(**meta["inference"])
 
 
+def load_text_model(model_dir: Path, dtype: torch.dtype = torch.float32):
+    """A transformers causal LM directory for text chat; prompts as its llava_kit_text.json says, else with the
+    tokenizer's own chat template, else as plain continuation."""
+    from llava_kit.model.build import load_llm, load_tokenizer
+
+    # a directory holding its own modeling code (auto_map, e.g. a merged InternLM2) is local code the user made
+    remote_code = "auto_map" in json.loads((model_dir / "config.json").read_text())
+    tokenizer, llm = load_tokenizer(str(model_dir), remote_code), load_llm(str(model_dir), dtype, None, remote_code)
+    if (model_dir / TEXT_SPEC).is_file():
+        settings = InferenceSettings(**json.loads((model_dir / TEXT_SPEC).read_text())["inference"])
+    else:
+        template = "tokenizer" if getattr(tokenizer, "chat_template", None) else COMPLETION
+        settings = InferenceSettings(template, None, "pad", 4096)
+    return llm.eval(), tokenizer, settings
+
+
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a merged model directory or a run directory; returns (model, tokenizer, InferenceSettings)."""
-    model_dir = Path(model_dir)
+    """Load a merged model directory, a run directory or a transformers LLM directory (text chat);
+    returns (model, tokenizer, InferenceSettings)."""
+    from llava_kit.model.tiny import resolve_model_path
+
+    model_dir = Path(resolve_model_path(str(model_dir)))  # `tiny:llm` chats too (the untrained baseline)
     if (model_dir / MERGED_SPEC).is_file():
         return load_merged(model_dir, dtype)
+    from llava_kit.export.import_llava import checkpoint_kind, load_checkpoint
+
+    kind = checkpoint_kind(model_dir)
+    if kind == "hf-llava":
+        return load_checkpoint(model_dir, dtype=dtype)
+    if kind == "original-llava":
+        raise ValueError(f"{model_dir} is an original LLaVA checkpoint; convert it first with `llava-kit import "
+                         f"{model_dir} -o OUT_DIR [--vision TOWER_DIR]` and use OUT_DIR")
+    if (model_dir / "config.json").is_file():  # a plain transformers LLM: a merged text run, or any causal LM
+        return load_text_model(model_dir, dtype)
     if (model_dir / "config.yaml").is_file():
         from llava_kit.config import TEXT_STAGES, load_saved_config
 
-        if load_saved_config(model_dir).stage in TEXT_STAGES:
-            raise ValueError(f"{model_dir} is a text-only run: it has no vision tower or projector; use its LLM "
-                             "(`llava-kit merge` gives a transformers model dir) as model.llm of a pretrain run")
+        saved = load_saved_config(model_dir)
+        if saved.stage in TEXT_STAGES:
+            llm, tokenizer = load_text_run(model_dir, saved, dtype)
+            return llm.eval(), tokenizer, text_inference_settings(saved)
         model, tokenizer, cfg = load_run(model_dir, dtype)
         return model, tokenizer, InferenceSettings(cfg.data.template, cfg.data.system_prompt,
                                                    cfg.data.image_aspect, cfg.data.max_seq_len)
-    from llava_kit.export.import_llava import checkpoint_kind, load_checkpoint
-
-    if checkpoint_kind(model_dir) == "hf-llava":
-        return load_checkpoint(model_dir, dtype=dtype)
-    if checkpoint_kind(model_dir) == "original-llava":
-        raise ValueError(f"{model_dir} is an original LLaVA checkpoint; convert it first with `llava-kit import "
-                         f"{model_dir} -o OUT_DIR [--vision TOWER_DIR]` and use OUT_DIR")
-    raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}), a run directory (config.yaml) nor "
-                            "a llava-hf directory; give the output of `llava-kit merge`, `llava-kit train` or "
-                            "`llava-kit import`")
+    raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}), a run directory (config.yaml), "
+                            "a llava-hf directory nor a transformers LLM (config.json); give the output of "
+                            "`llava-kit merge`, `llava-kit train` or `llava-kit import`")
 

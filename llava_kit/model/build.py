@@ -20,11 +20,11 @@ from llava_kit.model.vision import build_vision_tower
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Load a tokenizer (fast tokenizers only: labels need character offsets) and give it a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; llava-kit needs a fast "
                          "one for character offsets (install `tokenizers`, or convert it with AutoTokenizer(use_fast=True))")
@@ -47,26 +47,35 @@ def resize_embeddings_with_mean(llm, vocab_size: int) -> None:
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
 
 
-def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """Any transformers causal LM from a hub id or local directory."""
+def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32, quantization_config=None,
+             trust_remote_code: bool = False):
+    """Any transformers causal LM from a hub id or local directory (4-bit on this process's GPU with a
+    bitsandbytes `quantization_config`, for QLoRA)."""
+    import os
+
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    extra = {}
+    if quantization_config is not None:  # quantized weights are placed at load time, one GPU per process
+        extra = {"quantization_config": quantization_config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
         raise ValueError(f"cannot load the LLM {name_or_path!r}: {err}") from None
 
 
 def build_llava(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                llm_path: str | None = None, tokenizer_path: str | None = None) -> tuple[LlavaModel, object]:
+                llm_path: str | None = None, tokenizer_path: str | None = None,
+                quantization_config=None) -> tuple[LlavaModel, object]:
     """Build tower + projector (fresh) + LLM from `model_cfg`; returns (model, tokenizer with `<image>`)."""
     v = model_cfg.vision
     tower = build_vision_tower(resolve_model_path(v.name_or_path), backend=v.backend, feature_layer=v.feature_layer,
                                select_strategy=v.select_strategy, pretrained=v.pretrained)
     llm_location = llm_path or model_cfg.llm.name_or_path
-    tokenizer = load_tokenizer(tokenizer_path or model_cfg.llm.tokenizer or llm_location)
-    llm = load_llm(llm_location, dtype)
+    remote_code = model_cfg.llm.trust_remote_code
+    tokenizer = load_tokenizer(tokenizer_path or model_cfg.llm.tokenizer or llm_location, remote_code)
+    llm = load_llm(llm_location, dtype, quantization_config, remote_code)
     image_token_id = add_image_token(tokenizer)
     resize_embeddings_with_mean(llm, len(tokenizer))
     has_cls = tower.has_cls and v.select_strategy == "full"

@@ -20,6 +20,8 @@ from llava_kit.data.encode import encode_messages
 from llava_kit.data.images import load_image, prepare_image
 from llava_kit.data.templates import IMAGE_TOKEN, render
 
+COMPLETION = "completion"  # the inference template of text-pt models (see export/merge.py)
+
 REPL_HELP = """commands:
   /image PATH   switch to another image (it joins the conversation at your next message)
   /reset        forget the conversation and the images
@@ -71,8 +73,16 @@ class ChatSession:
     images: list[torch.Tensor] = field(default_factory=list)
     pending_image: torch.Tensor | None = None
 
+    @property
+    def text_only(self) -> bool:
+        """True for a plain causal LM (a merged text run): no vision tower, no `<image>` token."""
+        return not hasattr(self.model, "vision_tower")
+
     def set_image(self, path: str) -> None:
         """Load an image; it is attached to the next user message."""
+        if self.text_only:
+            raise ValueError("this is a text-only model (no vision tower): it cannot look at images; drop --image, "
+                             "or use it as model.llm of a pretrain run to give it eyes")
         tower = self.model.vision_tower
         image = prepare_image(load_image(path), self.settings.image_aspect, tower.image_mean)
         self.pending_image = tower.preprocess([image])  # [1, 3, H, W]
@@ -82,6 +92,8 @@ class ChatSession:
 
     def stop_token_ids(self) -> list[int]:
         """EOS and the template's end-of-turn marker, where it is a single token."""
+        if self.settings.template == COMPLETION:
+            return [self.tokenizer.eos_token_id]
         return stop_token_ids(self.tokenizer, self.settings.template)
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
@@ -92,22 +104,35 @@ class ChatSession:
             self.images.append(self.pending_image)
             self.pending_image = None
         self.messages.append({"role": "user", "content": content})
-        enc = encode_messages(self.messages, self.tokenizer, self.settings.template, self.model.image_token_id,
-                              self.model.tokens_per_image, max_seq_len=10**9, n_images=len(self.images),
-                              system_prompt=self.settings.system_prompt, add_generation_prompt=True)
         device = self.model.device
-        input_ids = torch.tensor([enc.input_ids], device=device)
-        pixel_values = torch.cat(self.images).to(device) if self.images else None
+        input_ids = torch.tensor([self._prompt_ids()], device=device)
+        # a plain causal LM takes no pixel_values argument at all
+        images = {"pixel_values": torch.cat(self.images).to(device)} if self.images else {}
         g = self.generation
         sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else \
             {"do_sample": False}
         streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text else None
-        output = self.model.generate(input_ids, pixel_values=pixel_values, max_new_tokens=g.max_new_tokens,
+        output = self.model.generate(input_ids, **images, max_new_tokens=g.max_new_tokens,
                                      eos_token_id=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
                                      streamer=streamer, **sampling)
-        answer = self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
+        # LlavaModel generates from embeddings and returns only new tokens; a plain LM returns prompt + answer
+        new_tokens = output[0, input_ids.shape[1]:] if self.text_only else output[0]
+        answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
+
+
+    def _prompt_ids(self) -> list[int]:
+        """The conversation so far, ending where the answer starts (text-pt models: `<bos>` + the last message)."""
+        if self.settings.template == COMPLETION:
+            bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+            return bos + self.tokenizer(self.messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        image_token_id = getattr(self.model, "image_token_id", -1)  # -1: a text model, no `<image>` token
+        enc = encode_messages(self.messages, self.tokenizer, self.settings.template, image_token_id,
+                              getattr(self.model, "tokens_per_image", 0), max_seq_len=10**9,
+                              n_images=len(self.images), system_prompt=self.settings.system_prompt,
+                              add_generation_prompt=True)
+        return enc.input_ids
 
 
 def answer_batch(session: ChatSession, questions: list[tuple[str | None, str]]) -> list[str]:
@@ -116,6 +141,8 @@ def answer_batch(session: ChatSession, questions: list[tuple[str | None, str]]) 
     Same prompts as `answer_once` (each in a fresh conversation), left-padded so that every row's answer
     starts at the same position; used by `eval`, where one-by-one generation dominates the time.
     """
+    if session.text_only:  # a plain causal LM: one by one through `ask` (its prompts differ, see _prompt_ids)
+        return [answer_once(session, image, prompt) for image, prompt in questions]
     prompts, images = [], []
     tower = session.model.vision_tower
     for image, prompt in questions:

@@ -146,7 +146,7 @@ def save_trained_weights(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     trainable = cfg.model.trainable
     save_projector(model, out_dir, projector_spec(model, cfg))
-    if trainable.llm == "lora":
+    if trainable.llm in ("lora", "qlora"):
         # The `<image>` row added to the embeddings is rebuilt deterministically (mean init) from the base,
         # so the adapter needs no copy of the embedding matrices.
         model.language_model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
@@ -160,7 +160,7 @@ def save_trained_weights(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: 
 def save_text_run(model, tokenizer, cfg: RunConfig, out_dir: str | Path) -> None:
     """A text run: `llm/` (a complete transformers model dir with its tokenizer) or `adapter/` + `tokenizer/`."""
     out_dir = Path(out_dir)
-    if cfg.model.trainable.llm == "lora":
+    if cfg.model.trainable.llm in ("lora", "qlora"):
         model.save_pretrained(out_dir / "adapter")
         tokenizer.save_pretrained(out_dir / "tokenizer")
     else:

@@ -21,14 +21,15 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from llava_kit.config import TEXT_STAGES, RunConfig, save_config
-from llava_kit.data.dataset import Collator, LlavaDataset, TextDataset
+from llava_kit.data.dataset import Collator, LlavaDataset
 from llava_kit.data.feature_cache import FeatureCache, default_cache_root
 from llava_kit.data.formats import read_llava
-from llava_kit.data.text import read_text_documents
+from llava_kit.data.packing import PackedCollator
+from llava_kit.data.text import build_text_dataset
 from llava_kit.model.build import build_llava, load_llm, load_tokenizer
 from llava_kit.train.checkpoint import load_projector, save_text_run, save_trained_weights
 from llava_kit.train.plots import plot_loss
-from llava_kit.train.trainable import apply_trainability, peft_lora_config
+from llava_kit.train.trainable import add_lora, apply_trainability, check_qlora_available, qlora_quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -81,18 +82,34 @@ class LlavaTrainer(Trainer):
         model.load_state_dict(state, strict=False)
 
 
-def build_text_model(cfg: RunConfig):
-    """The LLM alone for text stages: full fine-tuning or LoRA, as `model.trainable.llm` says."""
-    from peft import get_peft_model
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
-    tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path)
-    llm = load_llm(cfg.model.llm.name_or_path)
-    if cfg.model.trainable.llm == "lora":
-        llm = get_peft_model(llm, peft_lora_config(cfg.model.lora))
+
+def qlora_settings(cfg: RunConfig, precision: str):
+    """(load dtype, bitsandbytes config) for QLoRA runs, (fp32, None) otherwise; refuses QLoRA where it cannot run."""
+    if cfg.model.trainable.llm != "qlora":
+        return torch.float32, None
+    check_qlora_available()
+    dtype = compute_dtype(precision) if precision != "fp32" else torch.bfloat16
+    return dtype, qlora_quantization_config(dtype)
+
+
+def build_text_model(cfg: RunConfig, precision: str = "fp32"):
+    """The LLM alone for text stages: full fine-tuning, LoRA or QLoRA, as `model.trainable.llm` says."""
+    remote_code = cfg.model.llm.trust_remote_code
+    tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, remote_code)
+    dtype, quantization = qlora_settings(cfg, precision)
+    llm = load_llm(cfg.model.llm.name_or_path, dtype, quantization, remote_code)
+    mode = cfg.model.trainable.llm
+    if mode in ("lora", "qlora"):
+        llm = add_lora(llm, cfg.model.lora, quantized=mode == "qlora",
+                       gradient_checkpointing=cfg.train.gradient_checkpointing)
     else:
         llm.requires_grad_(True)
     trained = sum(p.numel() for p in llm.parameters() if p.requires_grad)
-    logger.info("trainable language_model %s / %s", f"{trained:,}", f"{sum(p.numel() for p in llm.parameters()):,}")
+    logger.info("trainable language_model %s / %s (%s)", f"{trained:,}", f"{sum(p.numel() for p in llm.parameters()):,}",
+                mode)
     return llm, tokenizer
 
 
@@ -147,6 +164,8 @@ def training_arguments(cfg: RunConfig, precision: str) -> TrainingArguments:
 
 def train(cfg: RunConfig) -> Path:
     """Run one stage described by a validated config; returns the run directory."""
+    if cfg.model.trainable.llm == "qlora":
+        check_qlora_available()  # before anything is written or loaded
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -156,17 +175,25 @@ def train(cfg: RunConfig) -> Path:
 
     text_only = cfg.stage in TEXT_STAGES
     if text_only:
-        model, tokenizer = build_text_model(cfg)
+        model, tokenizer = build_text_model(cfg, precision)
         # TrainingArguments after the model: with ZeRO-3 its creation would make from_pretrained partition at load.
         args = training_arguments(cfg, precision)
-        documents, bad = read_text_documents(cfg.data.path)
-        dataset = TextDataset(documents, tokenizer, cfg.data.max_seq_len, cfg.data.bad_records, bad)
+        dataset = build_text_dataset(cfg.data, cfg.stage, tokenizer, seed=cfg.seed)
     else:
-        model, tokenizer = build_llava(cfg.model, torch.float32)
+        _, quantization = qlora_settings(cfg, precision)
+        model, tokenizer = build_llava(cfg.model, torch.float32, quantization_config=quantization)
+        if quantization is not None:  # the 4-bit LLM sits on its GPU already; tower and projector join it
+            from transformers.utils.quantization_config import QuantizationMethod
+
+            device = next(model.language_model.parameters()).device
+            model.vision_tower.to(device)
+            model.multi_modal_projector.to(device)
+            # the Trainer skips its own .to(device) for bitsandbytes models (4-bit weights must not be moved)
+            model.quantization_method = QuantizationMethod.BITS_AND_BYTES
         if cfg.model.init_from:
             load_projector(model, cfg.model.init_from, template=cfg.data.template)
             logger.info("projector initialised from %s", cfg.model.init_from)
-        apply_trainability(model, cfg.model.trainable, cfg.model.lora)
+        apply_trainability(model, cfg.model.trainable, cfg.model.lora, cfg.train.gradient_checkpointing)
         args = training_arguments(cfg, precision)
         dataset = build_dataset(cfg, model, tokenizer)
         attach_feature_cache(cfg, model, dataset, args.device)
@@ -178,7 +205,8 @@ def train(cfg: RunConfig) -> Path:
 
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset,
-        data_collator=Collator(tokenizer.pad_token_id), projector_learning_rate=cfg.train.projector_learning_rate)
+        data_collator=(PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id),
+        projector_learning_rate=cfg.train.projector_learning_rate)
     resume = cfg.train.resume_from_checkpoint
     if resume == "latest":
         resume = get_last_checkpoint(str(run_dir))

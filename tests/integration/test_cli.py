@@ -137,3 +137,20 @@ def test_chat_prompt_prints_only_the_answer(make_config, tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert repl.returncode == 0, repl.stderr
     assert "image: " in repl.stderr and len(repl.stdout.splitlines()) == 2
+
+
+def test_data_check_text_formats_without_and_with_a_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    chat = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Lumen."}]
+    lines = [json.dumps({"messages": chat}), "{broken", json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
+             json.dumps({"messages": [chat[0], {"role": "assistant", "content": "Lumen. " * 200}]})]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    assert main(["data", "check", str(data), "--format", "openai"]) == 1  # readers only: the long one is fine
+    out = capsys.readouterr().out
+    assert "valid: 2 invalid: 2" in out and "broken JSON line" in out and "unknown role 'bot'" in out
+    assert main(["data", "check", str(data), "--config", "configs/tiny/text_sft_identity.yaml"]) == 1
+    out = capsys.readouterr().out  # with the config's tokenizer and max_seq_len: the long one is over-long
+    assert "valid: 1 invalid: 3" in out and "over-long" in out
+    assert main(["data", "check", "assets/identity/lumen.jsonl", "--format", "auto"]) == 0
+    assert capsys.readouterr().out.strip() == "valid: 80 invalid: 0"

@@ -34,17 +34,30 @@ def test_text_pt_learns_captions_and_feeds_a_pretrain_run(tiny_dirs, tmp_path, m
     assert losses[-1] < 0.5 * losses[0], losses
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["kept"] == 60 and report["skipped"] == 1  # the broken line, reported
+    assert report["datasets"][0]["in_mixture"] == 60  # packed (the text-pt default) into blocks of max_seq_len
 
     # a plain transformers model directory that ends its captions with EOS
     llm, tokenizer = load_llm(str(run_dir / "llm")), load_tokenizer(str(run_dir / "llm"))
     prompt = torch.tensor([[tokenizer.bos_token_id, *tokenizer("A red", add_special_tokens=False)["input_ids"]]])
     out = llm.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert tokenizer.eos_token_id in out[0, prompt.shape[1]:].tolist()
+    untrained = load_llm(str(tiny_dirs["llm"])).generate(prompt, max_new_tokens=20, do_sample=False,
+                                                        pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.eos_token_id not in untrained[0, prompt.shape[1]:].tolist()  # the untrained model runs on
 
     # `merge` of a text run gives the same plain transformers model
     from llava_kit.export.merge import merge_run
     merged = merge_run(run_dir, tmp_path / "merged-text")
     assert torch.equal(load_llm(str(merged))(prompt).logits, llm(prompt).logits)
+
+    # chat without an image continues the prompt as plain text, and stops at EOS
+    from llava_kit.export.merge import load_for_inference
+    from llava_kit.serve.chat import ChatSession, GenerationSettings, answer_once
+
+    session = ChatSession(*load_for_inference(merged), GenerationSettings(max_new_tokens=30))
+    assert session.settings.template == "completion"
+    answer = answer_once(session, None, "A red")
+    assert answer and "background" in answer and len(tokenizer(answer)["input_ids"]) < 30, answer
 
     # ... and the LLM of a pretrain run
     pretrain_dir = train(make_config("pretrain-on-text-pt", **{"model.llm.name_or_path": str(run_dir / "llm"),

@@ -15,8 +15,11 @@ def test_every_shipped_config_loads_and_validates(path, monkeypatch):
     monkeypatch.chdir(REPO)  # configs use repo-relative paths
     tiny = "tiny" in path.parts
     cfg = load_config(path, check_paths=tiny)  # real recipes point at datasets a user downloads first
-    assert cfg.stage in ("pretrain", "sft") and cfg.output_dir
-    assert cfg.model.trainable.llm == ("frozen" if cfg.stage == "pretrain" else "lora")
+    assert cfg.stage in ("pretrain", "sft", "text-pt", "text-sft") and cfg.output_dir
+    if cfg.stage in ("pretrain", "sft"):
+        assert cfg.model.trainable.llm == ("frozen" if cfg.stage == "pretrain" else "lora")
+    else:
+        assert cfg.model.trainable.llm in ("lora", "qlora", "full")
 
 
 def test_unknown_keys_and_bad_values_are_reported_together():

@@ -1,0 +1,92 @@
+"""Packing: many short examples -> few fixed-length blocks, no padding inside, no token lost.
+
+    blocks = pack_examples(examples, block_size=2048, split_documents=True)
+
+Each example is (input_ids, labels) and, for text-pt, already ends with EOS, so documents inside a block
+stay separated by EOS. `position_ids` restart at 0 at every example start; the collator then sends
+no attention mask (and use_cache=False), and transformers builds a block-diagonal causal mask from the restarting positions
+(`masking_utils.find_packed_sequence_indices`), so one document never attends to another.
+
+- `split_documents=True` (text-pt): examples are laid end to end and cut every `block_size` tokens;
+  a long document continues in the next block. Every token of every example appears exactly once.
+- `split_documents=False` (text-sft): whole examples are placed greedily, a new block is started when
+  the next example does not fit; an answer is never separated from its question.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from llava_kit.data.encode import IGNORE_INDEX
+
+
+@dataclass
+class PackedBlock:
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+
+    def add(self, ids: list[int], labels: list[int], document_start: bool = True) -> None:
+        self.input_ids += ids
+        # The loss shifts labels by one: a document's first label would be "predicted" from the previous
+        # document's last token. Unpacked, that label is never used; packed, it is ignored to stay equivalent.
+        self.labels += ([IGNORE_INDEX] + labels[1:]) if document_start and labels else labels
+        self.position_ids += range(len(ids))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def pack_examples(examples: list[tuple[list[int], list[int]]], block_size: int,
+                  split_documents: bool = True) -> list[PackedBlock]:
+    """Pack examples in the given order into blocks of at most `block_size` tokens (all full but the last
+    when `split_documents`)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    blocks = [PackedBlock()]
+    for ids, labels in examples:
+        if split_documents:
+            start = 0
+            while start < len(ids):
+                room = block_size - len(blocks[-1])
+                if room == 0:
+                    blocks.append(PackedBlock())
+                    room = block_size
+                # a document cut at a block end continues at position 0 in the next block (a fresh row)
+                blocks[-1].add(ids[start:start + room], labels[start:start + room], document_start=start == 0)
+                start += room
+            continue
+        if len(ids) > block_size:
+            raise ValueError(f"an example of {len(ids)} tokens does not fit a block of {block_size}; "
+                             "encode with max_seq_len <= block_size")
+        if len(blocks[-1]) + len(ids) > block_size:
+            blocks.append(PackedBlock())
+        blocks[-1].add(ids, labels)
+    return [b for b in blocks if len(b)]
+
+
+@dataclass
+class PackedCollator:
+    """Stacks packed blocks: input_ids, labels and restarting position_ids, no attention mask, no KV cache.
+
+    Without an attention mask, transformers reads document boundaries from the position_ids. The
+    (only) shorter last block is padded with pad tokens that form their own ignored "document".
+    """
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        longest = max(len(i["input_ids"]) for i in items)
+        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)  # [batch, seq]
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.arange(longest).repeat(len(items), 1)  # pads count 0, 1, ... as a separate document
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            position_ids[row, :n] = item["position_ids"]
+            position_ids[row, n:] = torch.arange(longest - n)
+        # use_cache=False: with a KV cache object present transformers skips the packed-sequence mask
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
