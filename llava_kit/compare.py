@@ -180,17 +180,38 @@ def stage_configs(compare: dict, prepared: dict | None) -> tuple[dict, dict, dic
 
 
 def projector_run_configs(pretrain: dict, sft: dict, name: str, options: dict, runs_dir: Path,
-                          with_pretrain: bool = True):
+                          with_pretrain: bool = True, check_paths: bool = True):
     """Validated RunConfigs of one projector's pretrain and sft (sft starts from the pretrained projector)."""
     from llava_kit.config import config_from_dict
 
     projector = {"model": {"projector": {"name": name, "options": options}}}
     pretrain_cfg = config_from_dict(_deep_merge(pretrain, {
-        **projector, "stage": "pretrain", "output_dir": str(runs_dir / name / "pretrain")}), f"pretrain ({name})")
+        **projector, "stage": "pretrain", "output_dir": str(runs_dir / name / "pretrain")}), f"pretrain ({name})",
+        check_paths)
     sft_cfg = config_from_dict(_deep_merge(sft, {
         "model": {**projector["model"], "init_from": pretrain_cfg.output_dir if with_pretrain else None},
         "stage": "sft", "output_dir": str(runs_dir / name / "sft")}), f"sft ({name})", check_paths=False)
     return pretrain_cfg, sft_cfg
+
+
+def check_projectors(names: list[str], options: dict, cfg) -> None:
+    """Build every projector (on the meta device: no memory) for the tower and LLM of `cfg`; ProjectorError if one
+    cannot take them."""
+    import torch
+    from transformers import AutoConfig
+
+    from llava_kit.model.projectors import build_projector
+    from llava_kit.model.tiny import resolve_model_path
+    from llava_kit.model.vision import build_vision_tower
+
+    v = cfg.model.vision
+    tower = build_vision_tower(resolve_model_path(v.name_or_path), backend=v.backend, feature_layer=v.feature_layer,
+                               select_strategy=v.select_strategy, pretrained=v.pretrained)
+    has_cls = tower.has_cls and v.select_strategy == "full"
+    llm_width = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.name_or_path)).get_text_config().hidden_size
+    for name in names:
+        with torch.device("meta"):
+            build_projector(name, tower.width, llm_width, tower.grid, has_cls=has_cls, **options.get(name, {}))
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -242,7 +263,7 @@ def _sft_metrics(run_dir: Path, max_steps: int) -> tuple[float, float]:
 
 def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: dict, runs_dir: Path) -> ProjectorResult:
     """Pretrain + sft + held-out eval of one projector; a projector without parameters skips pretraining."""
-    from llava_kit.eval import evaluate, read_eval_records
+    from llava_kit.eval import evaluate
     from llava_kit.export.merge import load_for_inference
     from llava_kit.train.engine import train
 
@@ -258,9 +279,7 @@ def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: dic
     train_seconds = time.perf_counter() - start
     step_time, final_loss = _sft_metrics(sft_dir, sft_cfg.train.max_steps)
     model, tokenizer, settings = load_for_inference(sft_dir)
-    records = read_eval_records(evaluation["data"])
-    if evaluation.get("limit"):
-        records = records[: evaluation["limit"]]
+    records = held_out_records(evaluation)
     accuracy = evaluate(model, tokenizer, settings, records, evaluation["image_root"],
                         max_new_tokens=evaluation["max_new_tokens"], predictions_path=sft_dir / "eval_predictions.jsonl")
     result = ProjectorResult(projector=name, parameters=parameters, visual_tokens=tokens,
@@ -288,15 +307,46 @@ def compare_projectors(config_path: str | Path, projectors: list[str] | None = N
     output_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_shapes_task(compare["shapes"], output_dir / "prepared") if compare.get("shapes") else None
     pretrain, sft, evaluation = stage_configs(compare, prepared)
-    # Check every projector's configs up front: a typo in the last one should not cost the first ones' runs.
+    # Check every projector's configs and options up front: a mistake in the last one should not cost the first
+    # ones' runs.
     for name in names:
-        projector_run_configs(pretrain, sft, name, options.get(name, {}), output_dir / "runs")
-    start = time.perf_counter()
+        _, sft_cfg = projector_run_configs(pretrain, sft, name, options.get(name, {}), output_dir / "runs")
+    check_projectors(names, options, sft_cfg)
+    start, load_before = time.perf_counter(), _load_average()
     results = [run_one(name, options.get(name, {}), pretrain, sft, evaluation, output_dir / "runs") for name in names]
-    total = time.perf_counter() - start
+    machine = {"seconds": time.perf_counter() - start, "load_before": load_before, "load_after": _load_average()}
     report = Path(report) if report else output_dir / "comparison.md"
-    write_report(results, report, config_path, prepared is not None, total, sft)
+    recipe = {"pretrain": stage_summary(pretrain), "sft": stage_summary(sft),
+              "eval": len(held_out_records(evaluation))}
+    write_report(results, report, config_path, prepared is not None, machine, recipe)
     return results, report
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): step times depend on what else runs."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def stage_summary(stage: dict) -> str:
+    """`steps x micro-batch, lr` of a stage's train section, for the report."""
+    t = stage.get("train", {})
+    lr = t.get("learning_rate", "?")
+    projector_lr = t.get("projector_learning_rate")
+    return (f"{t.get('max_steps', '?')} steps x micro-batch {t.get('micro_batch_size', '?')}, lr {lr}"
+            + (f" (projector {projector_lr})" if projector_lr and projector_lr != lr else ""))
+
+
+def held_out_records(evaluation: dict) -> list:
+    """The held-out records the comparison scores (after `limit`)."""
+    from llava_kit.eval import read_eval_records
+
+    records = read_eval_records(evaluation["data"])
+    return records[: evaluation["limit"]] if evaluation.get("limit") else records
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -314,8 +364,8 @@ def best_efficiency(results: list[ProjectorResult], chance: float) -> tuple[str,
     return per_token.projector, per_parameter.projector
 
 
-def write_report(results: list[ProjectorResult], report: Path, config_path, shapes: bool, total_seconds: float,
-                 sft: dict) -> None:
+def write_report(results: list[ProjectorResult], report: Path, config_path, shapes: bool, machine: dict,
+                 recipe: dict) -> None:
     """comparison table as markdown (`report`), CSV and PNG beside it."""
     report.parent.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = report.with_suffix(".csv"), report.with_suffix(".png")
@@ -331,9 +381,21 @@ def write_report(results: list[ProjectorResult], report: Path, config_path, shap
     plot_comparison(results, png_path, chance)
     header = ["projector", "parameters", "visual tokens", "sft step (ms)", "train memory (MiB)", "final loss",
               "held-out accuracy", *kinds]
+    import os
+
+    import torch
+
+    load = ", ".join(f"{machine[k]:.1f}" for k in ("load_before", "load_after") if machine.get(k) is not None)
     lines = ["# Projector comparison\n",
-             f"Generated by `llava-kit compare-projectors {config_path}` in {total_seconds / 60:.1f} min "
-             f"({len(results)} projectors; the shared preparation is not counted).\n",
+             f"Generated by `llava-kit compare-projectors {config_path}` in {machine['seconds'] / 60:.1f} min "
+             f"for {len(results)} projectors (the shared preparation not counted), on {os.cpu_count()} CPU "
+             f"core(s), {torch.get_num_threads()} torch thread(s), 1-minute load average {load or 'n/a'} at start "
+             "and end: times are wall times on that machine, other work included.\n",
+             f"Recipe, the same for every projector: pretrain (projector only) {recipe['pretrain']}; sft (projector "
+             f"+ LLM) {recipe['sft']}; then {recipe['eval']} held-out questions, greedy answers"
+             + (", scored by the shapes task's rules (chance "
+                f"{SHAPES_CHANCE:.2f} over the three kinds: shape 0.25, colour 0.17, describe 0.04)" if shapes else "")
+             + ".\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(results, key=lambda r: -r.accuracy):
         lines.append(f"| {r.projector} | {r.parameters:,} | {r.visual_tokens} | {r.step_time_ms:.0f} | "
@@ -345,8 +407,8 @@ def write_report(results: list[ProjectorResult], report: Path, config_path, shap
               f"chance{f' ({chance:.2f})' if chance else ''} per visual token: **{per_token}**; per projector "
               f"parameter: **{per_parameter}**.", "",
               f"![accuracy against visual tokens and parameters]({png_path.name})", "",
-              f"Columns: *sft step* is the mean wall time of an sft optimizer step (micro-batch "
-              f"{sft.get('train', {}).get('micro_batch_size', '?')}, data loading included); *train memory* is "
+              "Columns: *sft step* is the mean wall time of an sft optimizer step (data loading included); "
+              "*train memory* is "
               "weights + gradients + AdamW states + activations saved for backward of one sft micro-batch (counted "
               "with autograd hooks, not the process's RSS); *final loss* is the last logged sft loss. "
               f"The CSV is `{csv_path.name}`."]
