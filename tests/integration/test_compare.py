@@ -9,9 +9,8 @@ import yaml
 
 from llava_kit.cli import main
 
-from .conftest import SHAPES, tiny_config
-
 REPO = Path(__file__).resolve().parents[2]
+SHAPES = REPO / "assets" / "shapes_small"
 
 
 def test_projectors_lists_every_design_with_tokens_and_parameters(capsys):
@@ -38,11 +37,13 @@ def test_projectors_bad_grid_is_a_one_line_error(capsys):
 
 def _compare_config(tiny_dirs, tmp_path) -> Path:
     """Two projectors, a few steps each, on the small shapes sample (no `shapes` preparation: explicit paths)."""
-    pretrain = tiny_config(tiny_dirs, "unused", "pretrain", **{"train.max_steps": 2, "train.micro_batch_size": 2})
-    sft = tiny_config(tiny_dirs, "unused", "sft", **{"train.max_steps": 2, "train.micro_batch_size": 2,
-                                                      "model.trainable.llm": "full"})
-    for stage in (pretrain, sft):
-        del stage["output_dir"], stage["stage"]
+    model = {"vision": {"name_or_path": str(tiny_dirs["vision"])}, "llm": {"name_or_path": str(tiny_dirs["llm"])}}
+    train = {"micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 100,
+             "report_to": "none", "use_cpu": True}
+    data = {"image_root": str(SHAPES / "images"), "max_seq_len": 256}
+    pretrain = {"model": model, "train": train, "data": {**data, "path": str(SHAPES / "pretrain.json")}}
+    sft = {"model": {**model, "trainable": {"llm": "full"}}, "train": train,
+           "data": {**data, "path": str(SHAPES / "sft.json"), "template": "chatml"}}
     config = {"output_dir": str(tmp_path / "compare"), "projectors": ["linear", "resampler"],
               "projector_options": {"resampler": {"num_queries": 4}}, "pretrain": pretrain, "sft": sft,
               "eval": {"data": str(SHAPES / "eval.jsonl"), "image_root": str(SHAPES / "images"), "limit": 6,

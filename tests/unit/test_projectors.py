@@ -378,3 +378,21 @@ def test_zoo_options():
 def test_zoo_bad_options_are_clear_errors(name, options, message):
     with pytest.raises(ProjectorError, match=re.escape(message)):
         build_projector(name, ZC, ZD, (16, 16), **options)
+
+
+def test_multi_layer_features_reach_tokenpacker_in_the_composite_model(tiny_dirs):
+    """feature_layer as a list widens the tower's features; tokenpacker reads its first layer for the queries."""
+    from llava_kit.config import ModelConfig, ProjectorConfig, VisionConfig
+    from llava_kit.model.build import build_llava
+
+    model_cfg = ModelConfig(vision=VisionConfig(name_or_path=str(tiny_dirs["vision"]), feature_layer=[-2, -1, 0]),
+                            projector=ProjectorConfig(name="tokenpacker", options={"num_feature_layers": 3}))
+    model_cfg.llm.name_or_path = str(tiny_dirs["llm"])
+    model, _ = build_llava(model_cfg)
+    tower = model.vision_tower
+    assert tower.width == 3 * tower.layer_width and model.multi_modal_projector.layer_width == tower.layer_width
+    pixel_values = torch.randn(2, 3, tower.image_size, tower.image_size)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values)
+    assert features.shape == (2, model.tokens_per_image, model.language_model.config.hidden_size)
+    assert model.tokens_per_image == (tower.grid[0] // 2) * (tower.grid[1] // 2)
