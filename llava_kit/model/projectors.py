@@ -6,6 +6,12 @@
 Names are exact: a key of PROJECTORS, or a member of a numbered family in PROJECTOR_FAMILIES (`mlp{N}x_gelu`, any
 N >= 1, LLaVA's pattern `^mlp(\\d+)x_gelu$`). An unknown name is an error that lists the valid ones.
 
+This module is the registry and holds LLaVA's own two designs (linear, mlp{N}x_gelu); the zoo lives beside it, one
+module per family, each class's docstring naming its source design and its parameter formula:
+`projector_pooling.py` (identity, pooler, avgpool, pixel_shuffle, patch_merger), `projector_conv.py` (ldp, ldpv2,
+c_abstractor), `projector_attention.py` (resampler, perceiver, tokenpacker, qformer); the base class and shared
+helpers are in `projector_base.py`. `llava-kit projectors` lists token and parameter counts for given shapes.
+
 Adding a projector: subclass `Projector`; its __init__ takes (vision_width, llm_width, grid, has_cls, *, options
 with defaults), calls `super().__init__(vision_width, llm_width, grid, has_cls)` first, refuses inputs it cannot
 take with `self.refuse(reason)` (e.g. a CLS token, an odd grid), and sets `self.num_output_tokens` if it changes the
