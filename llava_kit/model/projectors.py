@@ -166,6 +166,7 @@ def build_projector(name: str, vision_width: int, llm_width: int, grid: tuple[in
     except ProjectorError as err:
         raise ProjectorError(f"projector {name!r}: {err}") from None
     projector.name = name
+    projector.options = dict(options)  # what the name does not say; saved in projector.json beside the weights
     return projector
 
 
