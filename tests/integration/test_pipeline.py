@@ -87,3 +87,19 @@ def test_init_from_a_run_of_another_projector_is_a_clear_error(make_config):
             continue
         with pytest.raises(ValueError, match=f"is another design \\({message}; options: saved {{}}, .*\\); set "):
             load_projector(model, pretrain_dir)
+
+
+def test_a_zoo_projector_survives_merge(make_config, tmp_path):
+    """A resampler (learned queries, fixed positions rebuilt from its shapes) gives the same image features from
+    the run directory and from the merged model."""
+    run_dir = train(make_config("pretrain", **{"train.max_steps": 1,
+                                               "model.projector": {"name": "resampler", "options": {"num_queries": 4}}}))
+    merged = merge_run(run_dir, tmp_path / "merged")
+    pixel_values = torch.randn(2, 3, 64, 64)
+    features = []
+    for source in (run_dir, merged):
+        model, _, _ = load_for_inference(source)
+        assert model.tokens_per_image == 4
+        with torch.no_grad():
+            features.append(model.get_image_features(pixel_values))
+    assert torch.equal(features[0], features[1])
