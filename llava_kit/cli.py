@@ -162,6 +162,25 @@ def _data_check_text(args: argparse.Namespace, cfg, text_format: str) -> int:
     return 0 if not bad else 1
 
 
+def cmd_projectors(args: argparse.Namespace) -> int:
+    from llava_kit.compare import format_listing, list_projectors, parse_grid
+
+    rows = list_projectors(args.vision_width, args.llm_width, parse_grid(args.grid), has_cls=args.has_cls)
+    print(format_listing(rows), file=args.results)
+    return 0
+
+
+def cmd_compare_projectors(args: argparse.Namespace) -> int:
+    from llava_kit.compare import compare_projectors
+    from llava_kit.compare_report import format_results
+
+    names = [n.strip() for n in args.projectors.split(",") if n.strip()] if args.projectors else None
+    results, report = compare_projectors(args.config, names, args.report)
+    print(format_results(results), file=args.results)
+    print(f"report: {report}", file=args.results)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llava_kit.demo import run_demo
 
@@ -276,6 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="write every question with its prediction to this JSONL")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
     p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("projectors", help="list every projector with its visual-token and parameter count",
+                       description="For a vision width, patch grid and LLM width, list each projector's visual "
+                                   "tokens per image and parameters (or why it refuses that grid).")
+    p.add_argument("--vision-width", type=int, default=1024, help="vision feature width C (default 1024, CLIP-L)")
+    p.add_argument("--grid", default="24", help="patch grid: a side (24) or ROWSxCOLS (27x27) (default 24)")
+    p.add_argument("--llm-width", type=int, default=4096, help="LLM hidden width d (default 4096, 7B)")
+    p.add_argument("--has-cls", action="store_true", help="the features keep a leading CLS token")
+    p.set_defaults(handler=cmd_projectors)
+
+    p = sub.add_parser("compare-projectors", help="train and score several projectors with the same recipe",
+                       description="Run the same pretrain + sft recipe (data, steps, seed) for each projector, score "
+                                   "held-out questions, and write a table (markdown + CSV) and a plot.")
+    p.add_argument("config", help="comparison YAML (see configs/tiny/compare_projectors.yaml)")
+    p.add_argument("--projectors", help="comma-separated projector names (default: the config's list)")
+    p.add_argument("--report", help="markdown report path; CSV and PNG go beside it (default "
+                                    "OUTPUT_DIR/comparison.md)")
+    p.set_defaults(handler=cmd_compare_projectors)
 
     p = sub.add_parser("data", help="data tools (`llava-kit data check`)")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")

@@ -43,8 +43,9 @@ class VisionConfig:
     """Which library loads the tower; `auto` picks open_clip for directories saved by its backend."""
     pretrained: str | None = None
     """open_clip only: a pretrained tag or a checkpoint file."""
-    feature_layer: int = -2
-    """Hidden state to take features from: -1 is the last block, -2 the penultimate (LLaVA-1.5)."""
+    feature_layer: int | list[int] = -2
+    """Hidden state to take features from: -1 is the last block, -2 the penultimate (LLaVA-1.5); a list (e.g.
+    [-2, -5, -8, -11]) concatenates those layers channel-wise (the projector sees len(list) x the tower's width)."""
     select_strategy: Literal["patch", "full"] = "patch"
     """`patch` drops the CLS token where the tower has one; `full` keeps every token."""
 
@@ -331,6 +332,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         problems.append("stage `pretrain` trains only the projector; remove `model.trainable.llm` or use stage `sft`")
     if cfg.model.trainable.llm == "qlora":
         problems += _qlora_problems(cfg)
+    layers = cfg.model.vision.feature_layer
+    if isinstance(layers, list) and not layers:
+        problems.append("`model.vision.feature_layer` is an empty list; give one layer (-2) or several ([-2, -5])")
     if cfg.data.max_seq_len < 16:
         problems.append(f"`data.max_seq_len` is {cfg.data.max_seq_len}; it must be at least 16")
     t = cfg.train

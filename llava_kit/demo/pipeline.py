@@ -132,26 +132,25 @@ def _stage(name: str, timings: dict):
     return timed()
 
 
-def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: DemoRecipe | None = None,
-             results=None) -> int:
-    """Run the whole demo; prints the eval report (last line `accuracy: X.XX`) to `results` (stdout)."""
+def prepare_shapes(recipe: DemoRecipe, workdir: str | Path, timings: dict | None = None) -> dict:
+    """Steps 1-4 of the demo (data, tiny models, tower warm-up, text-pt) in `workdir`, and the demo's configs.
+
+    Returns the paths: `images`, `pretrain`, `sft`, `eval`, `captions` (data), `vision` (the warmed-up tower),
+    `llm` (the text-pretrained LLM) and `configs` ({text-pt, pretrain, sft} YAML files). `llava-kit
+    compare-projectors` reuses it to prepare the models every projector is compared on.
+    """
     import torch
 
     from llava_kit.config import load_config
     from llava_kit.data.shapes import write_shapes_dataset
     from llava_kit.demo.tower_warmup import labels_from_caption, warm_up_tower
-    from llava_kit.eval import evaluate, format_report, read_eval_records
-    from llava_kit.export.merge import load_for_inference, merge_run
     from llava_kit.model.tiny import init_tiny
     from llava_kit.train.engine import train
 
-    recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    timings = {} if timings is None else timings
     torch.manual_seed(recipe.seed)
-    timings: dict[str, float] = {}
-    logger.info("demo in %s (%s recipe)", workdir, "quick" if quick else "full")
-
     with _stage("data", timings):
         data = write_shapes_dataset(workdir / "data", recipe.n_train, recipe.n_eval, seed=recipe.seed)
     with _stage("models", timings):
@@ -170,7 +169,24 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     with _stage("text-pt", timings):
         logger.info("the tiny random LLM first learns the training captions as plain text, standing in for a "
                     "real LLM's language pretraining")
-        train(load_config(configs["text-pt"]))
+        text_pt_dir = train(load_config(configs["text-pt"]))
+    return {**data, "vision": models["vision"], "llm": text_pt_dir / "llm", "configs": configs}
+
+
+def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: DemoRecipe | None = None,
+             results=None) -> int:
+    """Run the whole demo; prints the eval report (last line `accuracy: X.XX`) to `results` (stdout)."""
+    from llava_kit.config import load_config
+    from llava_kit.eval import evaluate, format_report, read_eval_records
+    from llava_kit.export.merge import load_for_inference, merge_run
+    from llava_kit.train.engine import train
+
+    recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
+    workdir = Path(workdir).resolve()
+    timings: dict[str, float] = {}
+    logger.info("demo in %s (%s recipe)", workdir, "quick" if quick else "full")
+    prepared = prepare_shapes(recipe, workdir, timings)
+    configs = prepared["configs"]
     with _stage("pretrain", timings):
         train(load_config(configs["pretrain"]))
     with _stage("sft", timings):
@@ -179,8 +195,8 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
         merged = merge_run(sft_dir, workdir / "merged")
     with _stage("eval", timings):
         model, tokenizer, settings = load_for_inference(merged)
-        eval_records = read_eval_records(data["eval"])
-        accuracy = evaluate(model, tokenizer, settings, eval_records, data["images"], max_new_tokens=24,
+        eval_records = read_eval_records(prepared["eval"])
+        accuracy = evaluate(model, tokenizer, settings, eval_records, prepared["images"], max_new_tokens=24,
                             predictions_path=workdir / "eval_predictions.jsonl")
     summary = {"accuracy": accuracy, "timings_s": {k: round(v, 1) for k, v in timings.items()},
                "recipe": asdict(recipe)}
@@ -188,6 +204,6 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     logger.info("demo finished in %.0f s: %s", sum(timings.values()),
                 ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     logger.info("chat with it: llava-kit chat --model %s --image %s", merged,
-                Path(data["images"]) / eval_records[0]["image"])
+                Path(prepared["images"]) / eval_records[0]["image"])
     print(format_report(accuracy), file=results or sys.stdout)
     return 0

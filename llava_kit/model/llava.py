@@ -41,7 +41,7 @@ class LlavaModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.multi_modal_projector.parameters()).device
+        return next(self.language_model.parameters()).device  # the identity projector has no parameters
 
     def get_image_features(self, pixel_values: torch.Tensor | None = None,
                            vision_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,7 +55,8 @@ class LlavaModel(nn.Module):
             # A frozen tower needs no autograd graph: skipping it saves the activations' memory.
             with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
                 features = self.vision_tower.encode(pixel_values.to(tower_dtype))  # [n_images, n_patches, C]
-        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
+        # A projector without parameters (identity) takes the features as they are.
+        projector_dtype = next(self.multi_modal_projector.parameters(), features).dtype
         return self.multi_modal_projector(features.to(projector_dtype))
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:

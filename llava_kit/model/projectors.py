@@ -6,6 +6,12 @@
 Names are exact: a key of PROJECTORS, or a member of a numbered family in PROJECTOR_FAMILIES (`mlp{N}x_gelu`, any
 N >= 1, LLaVA's pattern `^mlp(\\d+)x_gelu$`). An unknown name is an error that lists the valid ones.
 
+This module is the registry and holds LLaVA's own two designs (linear, mlp{N}x_gelu); the zoo lives beside it, one
+module per family, each class's docstring naming its source design and its parameter formula:
+`projector_pooling.py` (identity, pooler, avgpool, pixel_shuffle, patch_merger), `projector_conv.py` (ldp, ldpv2,
+c_abstractor), `projector_attention.py` (resampler, perceiver, tokenpacker, qformer); the base class and shared
+helpers are in `projector_base.py`. `llava-kit projectors` lists token and parameter counts for given shapes.
+
 Adding a projector: subclass `Projector`; its __init__ takes (vision_width, llm_width, grid, has_cls, *, options
 with defaults), calls `super().__init__(vision_width, llm_width, grid, has_cls)` first, refuses inputs it cannot
 take with `self.refuse(reason)` (e.g. a CLS token, an odd grid), and sets `self.num_output_tokens` if it changes the
@@ -16,58 +22,30 @@ import difflib
 import inspect
 import re
 from collections.abc import Sequence
-from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava_kit.model.projector_attention import (
+    PerceiverProjector,
+    QFormerProjector,
+    ResamplerProjector,
+    TokenPackerProjector,
+)
+from llava_kit.model.projector_base import Projector, ProjectorError
+from llava_kit.model.projector_base import is_positive_int as _is_positive_int
+from llava_kit.model.projector_conv import CAbstractorProjector, LdpProjector, LdpV2Projector
+from llava_kit.model.projector_pooling import (
+    AvgPoolProjector,
+    IdentityProjector,
+    PatchMergerProjector,
+    PixelShuffleProjector,
+    PoolerProjector,
+)
 
-class ProjectorError(ValueError):
-    """A projector cannot be built as asked; the message says what to change."""
-
-
-class Projector(nn.Module):
-    """Base of every projector: [batch, num_input_tokens, vision_width] -> [batch, num_output_tokens, llm_width].
-
-    The input is the vision tower's selected tokens: a leading CLS token when `has_cls`, then the patch tokens of a
-    `grid` = (rows, cols) in row-major order. `num_output_tokens` is known once the projector is built, so the data
-    pipeline can expand each `<image>` to that many placeholders before any image is encoded.
-    """
-
-    def __init__(self, vision_width: int, llm_width: int, grid: Sequence[int], has_cls: bool = False):
-        super().__init__()
-        for label, value in (("vision_width", vision_width), ("llm_width", llm_width)):
-            if not _is_positive_int(value):
-                raise ProjectorError(f"{label} must be a positive integer, got {value!r}")
-        if not (isinstance(grid, Sequence) and len(grid) == 2 and all(_is_positive_int(g) for g in grid)):
-            raise ProjectorError(f"grid must be (rows, cols) of positive integers, got {grid!r}")
-        if not isinstance(has_cls, bool):
-            raise ProjectorError(f"has_cls must be True or False, got {has_cls!r}")
-        self.vision_width = vision_width
-        self.llm_width = llm_width
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.has_cls = has_cls
-        self.num_input_tokens = self.grid[0] * self.grid[1] + int(has_cls)
-        self.num_output_tokens = self.num_input_tokens  # token-wise projectors; spatial ones overwrite it
-
-    def refuse(self, reason: str) -> NoReturn:
-        """Raise ProjectorError saying this projector cannot take its input layout, and why (for subclasses)."""
-        rows, cols = self.grid
-        layout = f"a CLS token + {rows}x{cols} patch grid" if self.has_cls else f"a {rows}x{cols} patch grid"
-        raise ProjectorError(f"cannot take {layout}: {reason}")
-
-    def check_features(self, features: torch.Tensor) -> None:
-        """Raise ProjectorError unless `features` is [batch, num_input_tokens, vision_width]."""
-        if features.dim() != 3 or tuple(features.shape[1:]) != (self.num_input_tokens, self.vision_width):
-            raise ProjectorError(
-                f"{type(self).__name__} expects features [batch, {self.num_input_tokens}, {self.vision_width}] "
-                f"(grid {self.grid[0]}x{self.grid[1]}, has_cls={self.has_cls}), got {list(features.shape)}")
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """[batch, num_input_tokens, vision_width] -> [batch, num_output_tokens, llm_width]."""
-        raise NotImplementedError
-
+__all__ = ["PROJECTORS", "PROJECTOR_FAMILIES", "Projector", "ProjectorError", "build_projector", "count_parameters",
+           "projector_names", "resolve_projector"]
 
 # Initialisation: PyTorch's default nn.Linear init (Kaiming-uniform, bound 1/sqrt(fan_in)), as LLaVA, which builds its
 # mm_projector after loading the LLM, so the LLM's normal(0.02) init never touches it: that is the recipe behind the
@@ -114,9 +92,22 @@ class MlpGeluProjector(Projector, nn.Sequential):
         return features  # [batch, tokens, llm_width]
 
 
-# Exact names -> classes. New projectors (the zoo) are added here, next to their classes.
+# Exact names -> classes. The zoo's designs live in projector_pooling.py, projector_conv.py and
+# projector_attention.py (each class's docstring names its source and its parameter formula).
 PROJECTORS: dict[str, type[Projector]] = {
     "linear": LinearProjector,
+    "identity": IdentityProjector,
+    "pooler": PoolerProjector,
+    "avgpool": AvgPoolProjector,
+    "pixel_shuffle": PixelShuffleProjector,
+    "patch_merger": PatchMergerProjector,
+    "ldp": LdpProjector,
+    "ldpv2": LdpV2Projector,
+    "c_abstractor": CAbstractorProjector,
+    "resampler": ResamplerProjector,
+    "perceiver": PerceiverProjector,
+    "tokenpacker": TokenPackerProjector,
+    "qformer": QFormerProjector,
 }
 
 # Numbered names: display form -> (pattern matched against the whole name, class, the option the number sets).
@@ -175,6 +166,7 @@ def build_projector(name: str, vision_width: int, llm_width: int, grid: tuple[in
     except ProjectorError as err:
         raise ProjectorError(f"projector {name!r}: {err}") from None
     projector.name = name
+    projector.options = dict(options)  # what the name does not say; saved in projector.json beside the weights
     return projector
 
 
@@ -188,7 +180,3 @@ def _option_names(projector_class: type[Projector]) -> list[str]:
     parameters = inspect.signature(projector_class.__init__).parameters.values()
     return [p.name for p in parameters if p.name not in _COMMON_ARGUMENTS
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0

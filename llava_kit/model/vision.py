@@ -9,7 +9,8 @@ Layers are numbered the same way for every backend. `feature_layer` indexes the 
 transformers returns them with `output_hidden_states=True`: L + 1 entries for L blocks, 0 = the embedding output
 (after CLIP's pre-norm), k = the output of block k, -1 = the last block's output, -2 = the penultimate (LLaVA's
 default). These are raw block outputs: the encoder's final norm (`post_layernorm` in transformers, `ln_post` in
-open_clip) is never applied.
+open_clip) is never applied. A list of layers (e.g. [-2, -5, -8, -11], multi-layer features as TokenPacker reads
+them) concatenates them channel-wise in list order: `width` is then the sum, len(list) x the encoder's width.
 
 Preprocessing always resizes the *whole* image to image_size x image_size, never centre-crops: callers that want to
 keep the aspect ratio pad to square first (with `tower.image_mean` as background, as LLaVA-1.5 does). On a square
@@ -69,7 +70,8 @@ class VisionTower(nn.Module):
     """
 
     def __init__(self, *, backend: str, name_or_path: str, pretrained: str | None, width: int, image_size: int,
-                 grid: tuple[int, int], has_cls: bool, num_layers: int, feature_layer: int, select_strategy: str,
+                 grid: tuple[int, int], has_cls: bool, num_layers: int, feature_layer: int | list[int],
+                 select_strategy: str,
                  image_mean: Sequence[float]):
         super().__init__()
         check_feature_layer(feature_layer, num_layers)
@@ -77,7 +79,9 @@ class VisionTower(nn.Module):
         self.backend = backend
         self.name_or_path = name_or_path
         self.pretrained = pretrained
-        self.width = width
+        layers = feature_layer if isinstance(feature_layer, list | tuple) else [feature_layer]
+        self.layer_width = width  # one layer's channels
+        self.width = width * len(layers)  # [batch, tokens, width]: the chosen layers side by side
         self.image_size = image_size
         self.grid = (int(grid[0]), int(grid[1]))
         self.has_cls = has_cls
@@ -85,8 +89,8 @@ class VisionTower(nn.Module):
         self.feature_layer = feature_layer
         self.select_strategy = select_strategy
         self.image_mean = tuple(float(m) for m in image_mean)
-        # The same layer as an absolute hidden-states index: 0 = embedding output, k = output of block k.
-        self.hidden_index = feature_layer % (num_layers + 1)
+        # The same layers as absolute hidden-states indices: 0 = embedding output, k = output of block k.
+        self.hidden_indices = tuple(layer % (num_layers + 1) for layer in layers)
         keeps_cls = has_cls and select_strategy == "full"
         self.num_tokens = self.grid[0] * self.grid[1] + int(keeps_cls)
 
@@ -95,8 +99,8 @@ class VisionTower(nn.Module):
         raise NotImplementedError
 
     def _layer_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chosen layer split as (prefix, patches): [batch, 1 or 0, width] (the CLS token, if any) and
-        [batch, rows*cols, width]."""
+        """The chosen layers (concatenated channel-wise, in `feature_layer` order) split as (prefix, patches):
+        [batch, 1 or 0, width] (the CLS token, if any) and [batch, rows*cols, width]."""
         raise NotImplementedError
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -105,7 +109,8 @@ class VisionTower(nn.Module):
         raise NotImplementedError
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[batch, 3, image_size, image_size] -> features [batch, num_tokens, width] of `feature_layer`.
+        """[batch, 3, image_size, image_size] -> features [batch, num_tokens, width] of `feature_layer` (a list:
+        its layers side by side).
 
         No `torch.no_grad` here: the caller decides whether the tower is trained.
         """
@@ -167,7 +172,7 @@ class TransformersVisionTower(VisionTower):
         outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
         # hidden_states: num_layers + 1 tensors [batch, n_prefix + rows*cols, width]; [0] = embeddings, [k] = block k
         # output. SigLIP's last_hidden_state has post_layernorm applied, hidden_states[-1] does not.
-        hidden = outputs.hidden_states[self.hidden_index]
+        hidden = torch.cat([outputs.hidden_states[i] for i in self.hidden_indices], dim=-1)  # layers side by side
         n_prefix = 1 if self.has_cls else 0  # SigLIP has no CLS token: never slice a token off there
         return hidden[:, :n_prefix], hidden[:, n_prefix:]
 
@@ -305,7 +310,7 @@ class OpenClipVisionTower(VisionTower):
                          has_cls=geometry["n_prefix"] == 1, num_layers=geometry["num_layers"],
                          feature_layer=feature_layer, select_strategy=select_strategy,
                          image_mean=preprocess_cfg["mean"])
-        if geometry["is_timm"] and self.hidden_index == 0:
+        if geometry["is_timm"] and 0 in self.hidden_indices:
             raise VisionTowerError(
                 f"feature_layer={feature_layer} selects the embedding output, which timm-based open_clip towers "
                 f"({name_or_path}) do not expose; choose a block output: 1..{self.num_layers} or "
@@ -334,14 +339,23 @@ class OpenClipVisionTower(VisionTower):
         return torch.stack([self.transform(_as_rgb(image)) for image in images]).to(torch.float32)
 
     def _layer_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.hidden_index == 0:
+        layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # hidden index -> (prefix, patches)
+        if 0 in self.hidden_indices:
             tokens = self.visual._embeds(pixel_values)  # [batch, 1 + rows*cols, width], after ln_pre
-            return tokens[:, :1], tokens[:, 1:]
-        out = self.visual.forward_intermediates(
-            pixel_values, indices=[self.hidden_index - 1], stop_early=True, output_fmt="NLC",
-            intermediates_only=True, output_extra_tokens=True)
-        patches = out["image_intermediates"][0]  # [batch, rows*cols, width]
-        prefix = out.get("image_intermediates_prefix", [patches[:, :0]])[0]  # [batch, 1 or 0, width]
+            layers[0] = (tokens[:, :1], tokens[:, 1:])
+        blocks = sorted({index - 1 for index in self.hidden_indices if index > 0})  # open_clip block numbers
+        if blocks:
+            out = self.visual.forward_intermediates(
+                pixel_values, indices=blocks, stop_early=True, output_fmt="NLC", intermediates_only=True,
+                output_extra_tokens=True)
+            # Intermediates come in block order, i.e. in the sorted order asked for.
+            for block, patches, prefix in zip(blocks, out["image_intermediates"],
+                                              out.get("image_intermediates_prefix") or [None] * len(blocks),
+                                              strict=True):
+                # patches [batch, rows*cols, width]; prefix [batch, 1 or 0, width]
+                layers[block + 1] = (patches[:, :0] if prefix is None else prefix, patches)
+        prefix = torch.cat([layers[i][0] for i in self.hidden_indices], dim=-1)
+        patches = torch.cat([layers[i][1] for i in self.hidden_indices], dim=-1)
         return prefix, patches
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -476,7 +490,7 @@ def _load_open_clip_dir(path: str, pretrained: str | None, feature_layer: int,
 # The entry point
 # --------------------------------------------------------------------------------------------------------------
 
-def build_vision_tower(name_or_path: str, backend: str = "auto", feature_layer: int = -2,
+def build_vision_tower(name_or_path: str, backend: str = "auto", feature_layer: int | list[int] = -2,
                        select_strategy: str = "patch", pretrained: str | None = None) -> VisionTower:
     """Load a vision tower.
 
@@ -484,7 +498,8 @@ def build_vision_tower(name_or_path: str, backend: str = "auto", feature_layer: 
         a tag or a checkpoint file); or a directory written by `VisionTower.save_pretrained`.
     backend: "transformers", "open_clip", or "auto": open_clip for a directory holding open_clip_config.json, an
         `hf-hub:` name or a registered open_clip model name (no "/", e.g. ViT-B-32); otherwise transformers.
-    feature_layer: hidden-states index, -1 = last block output, -2 = penultimate (LLaVA's default); 0 = embeddings.
+    feature_layer: hidden-states index, -1 = last block output, -2 = penultimate (LLaVA's default); 0 = embeddings;
+        or a list of them, concatenated channel-wise in list order (width = len(list) x the encoder's width).
     select_strategy: "patch" drops the CLS token where there is one; "full" keeps every token.
     """
     if not isinstance(name_or_path, str | os.PathLike) or not str(name_or_path):
@@ -493,8 +508,7 @@ def build_vision_tower(name_or_path: str, backend: str = "auto", feature_layer: 
     if backend not in BACKENDS:
         raise VisionTowerError(f"unknown vision backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     check_select_strategy(select_strategy)
-    if not isinstance(feature_layer, int) or isinstance(feature_layer, bool):
-        raise VisionTowerError(f"feature_layer must be an integer (e.g. -2), got {feature_layer!r}")
+    check_feature_layer(feature_layer, None)  # the type; the range once the encoder's depth is known
     if backend == "auto":
         backend = "open_clip" if _is_open_clip_name(name_or_path) else "transformers"
     if backend == "open_clip":
@@ -518,11 +532,18 @@ def _is_open_clip_name(name_or_path: str) -> bool:
     return name_or_path in open_clip.list_models()
 
 
-def check_feature_layer(feature_layer: int, num_layers: int) -> None:
-    """Raise VisionTowerError unless `feature_layer` indexes the num_layers + 1 hidden states."""
+def check_feature_layer(feature_layer: int | list[int], num_layers: int | None) -> None:
+    """Raise VisionTowerError unless `feature_layer` (an index or a non-empty list of them) indexes the
+    num_layers + 1 hidden states; num_layers None checks the type only."""
+    if isinstance(feature_layer, list | tuple):
+        if not feature_layer:
+            raise VisionTowerError("feature_layer is an empty list; give one layer (-2) or several ([-2, -5, -8])")
+        for layer in feature_layer:
+            check_feature_layer(layer, num_layers)
+        return
     if not isinstance(feature_layer, int) or isinstance(feature_layer, bool):
-        raise VisionTowerError(f"feature_layer must be an integer (e.g. -2), got {feature_layer!r}")
-    if not -(num_layers + 1) <= feature_layer <= num_layers:
+        raise VisionTowerError(f"feature_layer must be an integer (e.g. -2) or a list of them, got {feature_layer!r}")
+    if num_layers is not None and not -(num_layers + 1) <= feature_layer <= num_layers:
         raise VisionTowerError(
             f"feature_layer={feature_layer} is out of range for a {num_layers}-block encoder: use "
             f"{-(num_layers + 1)}..{num_layers} (-1 = last block output, -2 = penultimate, 0 = embeddings)")

@@ -136,8 +136,18 @@ def load_projector(model: LlavaModel, source_dir: str | Path, template: str | No
         raise ValueError(f"the projector in {source_dir} was trained for another base; "
                          f"{'; '.join(mismatches)}. Use the same model.vision, model.llm and template as that run, "
                          "or train a new projector (stage pretrain)")
+    projector = model.multi_modal_projector
+    built = {"name": getattr(projector, "name", None), "options": getattr(projector, "options", None)}
+    differs = [f"{k}: saved {spec[k]!r}, this model {v!r}" for k, v in built.items()
+               if k in spec and v is not None and spec[k] != v]
+    if differs:
+        raise ValueError(f"the projector in {source_dir} is another design ({'; '.join(differs)}); set "
+                         "model.projector to the saved name and options, or drop model.init_from")
     state = load_file(str(weights))
-    model.multi_modal_projector.load_state_dict(state)
+    try:
+        projector.load_state_dict(state)
+    except RuntimeError as err:  # e.g. weights edited by hand: say which run, not only which tensor
+        raise ValueError(f"{weights} does not fit this model's projector: {err}") from None
 
 
 def save_trained_weights(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: str | Path) -> None:

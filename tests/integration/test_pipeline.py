@@ -70,3 +70,36 @@ def test_sft_from_pretrain_merge_and_chat(make_config, tmp_path):
     b = answer_once(ChatSession(merged, merged_tokenizer, merged_settings, generation), image,
                     "What shape is in the image?")
     assert a == b
+
+
+def test_init_from_a_run_of_another_projector_is_a_clear_error(make_config):
+    import pytest
+
+    from llava_kit.train.checkpoint import load_projector
+
+    pretrain_dir = train(make_config("pretrain", **{"train.max_steps": 1}))
+    for projector, message in (({"name": "resampler", "options": {"num_queries": 4}}, "name: saved 'mlp2x_gelu', "
+                                                                                       "this model 'resampler'"),
+                               ({"name": "mlp2x_gelu", "options": {}}, None)):
+        model, _ = build_llava(make_config("sft", stage="sft", **{"model.projector": projector}).model)
+        if message is None:
+            load_projector(model, pretrain_dir)  # the same design loads
+            continue
+        with pytest.raises(ValueError, match=f"is another design \\({message}; options: saved {{}}, .*\\); set "):
+            load_projector(model, pretrain_dir)
+
+
+def test_a_zoo_projector_survives_merge(make_config, tmp_path):
+    """A resampler (learned queries, fixed positions rebuilt from its shapes) gives the same image features from
+    the run directory and from the merged model."""
+    run_dir = train(make_config("pretrain", **{"train.max_steps": 1,
+                                               "model.projector": {"name": "resampler", "options": {"num_queries": 4}}}))
+    merged = merge_run(run_dir, tmp_path / "merged")
+    pixel_values = torch.randn(2, 3, 64, 64)
+    features = []
+    for source in (run_dir, merged):
+        model, _, _ = load_for_inference(source)
+        assert model.tokens_per_image == 4
+        with torch.no_grad():
+            features.append(model.get_image_features(pixel_values))
+    assert torch.equal(features[0], features[1])

@@ -370,3 +370,53 @@ def test_open_clip_timm_trunk(tmp_path):
     tower.save_pretrained(tmp_path / "saved")
     reloaded = build_vision_tower(str(tmp_path / "saved"), select_strategy="full")
     assert torch.equal(_encode(reloaded, pixel_values), features)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-layer features: several layers side by side
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_multi_layer_features_concatenate_layers_in_list_order(family, clip_dir, siglip_dir):
+    path, model_class, n_prefix = (clip_dir, CLIPVisionModel, 1) if family == "clip" else (
+        siglip_dir, SiglipVisionModel, 0)
+    hidden = _hidden_states(model_class.from_pretrained(path), _pixels())
+    layers = [-1, 0, -2]
+    tower = build_vision_tower(str(path), feature_layer=layers, select_strategy="full")
+    assert (tower.width, tower.layer_width, tower.num_tokens) == (3 * WIDTH, WIDTH, GRID[0] * GRID[1] + n_prefix)
+    expected = torch.cat([hidden[layer] for layer in layers], dim=-1)  # [batch, tokens, 3 * width]
+    assert torch.equal(_encode(tower, _pixels()), expected)
+    assert tower.describe()["feature_layer"] == layers and tower.describe()["width"] == 3 * WIDTH
+
+
+def test_multi_layer_features_open_clip(open_clip_name):
+    patch = build_vision_tower(open_clip_name, feature_layer=-2)
+    multi = build_vision_tower(open_clip_name, feature_layer=[-1, 0, 1])
+    multi.visual.load_state_dict(patch.visual.state_dict())
+    pixel_values = patch.preprocess(_images())
+    states = _open_clip_block_outputs(patch.visual, pixel_values)
+    expected = torch.cat([states[-1][:, 1:], states[0][:, 1:], states[1][:, 1:]], dim=-1)
+    assert multi.width == 3 * WIDTH and torch.equal(_encode(multi, pixel_values), expected)
+
+
+def test_multi_layer_errors(clip_dir):
+    with pytest.raises(VisionTowerError, match="feature_layer is an empty list"):
+        build_vision_tower(str(clip_dir), feature_layer=[])
+    with pytest.raises(VisionTowerError, match=r"feature_layer=7 is out of range for a 2-block encoder"):
+        build_vision_tower(str(clip_dir), feature_layer=[-2, 7])
+    with pytest.raises(VisionTowerError, match="must be an integer .* or a list of them, got '-2'"):
+        build_vision_tower(str(clip_dir), feature_layer=[-2, "-2"])
+
+
+def test_multi_layer_feature_layer_in_a_config():
+    from llava_kit.config import ConfigError, config_from_dict
+
+    base = {"output_dir": "unused", "model": {"vision": {"name_or_path": "tiny:vision"},
+                                              "llm": {"name_or_path": "tiny:llm"}},
+            "data": {"path": "x.json", "image_root": "images"}}
+    base["model"]["vision"]["feature_layer"] = [-2, -3]
+    assert config_from_dict(base, check_paths=False).model.vision.feature_layer == [-2, -3]
+    for bad, message in (([], "is an empty list"), ([-2, "x"], "feature_layer` must be")):
+        base["model"]["vision"]["feature_layer"] = bad
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(base, check_paths=False)

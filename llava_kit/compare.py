@@ -1,0 +1,350 @@
+"""Projectors side by side: the same recipe (pretrain + sft, same data, steps and seed) for each one.
+
+    llava-kit projectors --vision-width 1024 --grid 24 --llm-width 4096
+    llava-kit compare-projectors configs/tiny/compare_projectors.yaml --projectors linear,mlp2x_gelu,resampler
+
+A comparison config (YAML) has these keys:
+
+    output_dir         where the runs and the report go
+    projectors         the default list (`--projectors a,b,c` replaces it)
+    projector_options  {name: {option: value}}: options of a projector (e.g. resampler num_queries)
+    shapes             DemoRecipe fields (llava_kit/demo/pipeline.py): prepare the synthetic shapes task (data, a
+                       tiny tower with its warm-up, a text-pretrained tiny LLM) once under OUTPUT_DIR/prepared,
+                       reused while the recipe is unchanged; model paths, data paths and eval are then filled in
+    pretrain, sft      run config keys (as in `llava-kit train`) of the two stages, applied on top of the demo's
+                       configs when `shapes` is set; each projector's run gets its projector and output_dir
+    eval               {data, image_root, max_new_tokens, limit}: the held-out questions (filled in by `shapes`)
+
+Per projector it writes OUTPUT_DIR/runs/NAME/{pretrain,sft} and measures: parameters, visual tokens, sft step time,
+training memory, final sft loss and held-out accuracy. `llava_kit.compare_report` writes the table (markdown and
+CSV) and the plot (PNG) at the report path.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+COMPARE_KEYS = ("output_dir", "projectors", "projector_options", "shapes", "pretrain", "sft", "eval")
+# Every design of the registry, one member of the mlp family: what `llava-kit projectors` lists.
+LISTED_PROJECTORS = ("linear", "mlp2x_gelu", "identity", "pooler", "avgpool", "pixel_shuffle", "patch_merger", "ldp",
+                     "ldpv2", "c_abstractor", "resampler", "perceiver", "tokenpacker", "qformer")
+SHAPES_CHANCE = (1 / 4 + 1 / 6 + 1 / 24) / 3  # shape, colour, describe (names both): mean chance over the three
+
+
+@dataclass
+class ProjectorResult:
+    """One row of the comparison."""
+
+    projector: str
+    parameters: int
+    visual_tokens: int
+    step_time_ms: float
+    """Mean wall time per sft optimizer step (data loading included)."""
+    memory_mib: float
+    """Training memory of one sft micro-batch: weights + gradients + AdamW states + activations saved for backward."""
+    final_loss: float
+    """The last logged sft training loss."""
+    accuracy: float
+    """Held-out accuracy, all questions."""
+    accuracy_by_kind: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """`24` -> (24, 24); `27x27` or `16x24` -> (rows, cols)."""
+    parts = str(text).lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 1:
+        raise ValueError(f"--grid must be a side (24) or ROWSxCOLS (27x27), got {text!r}")
+    return (values[0], values[-1])
+
+
+def list_projectors(vision_width: int, llm_width: int, grid: tuple[int, int], has_cls: bool = False,
+                    names: tuple[str, ...] = LISTED_PROJECTORS) -> list[dict]:
+    """Each projector's visual-token and parameter count for these shapes (or why it refuses them).
+
+    Built on the meta device: no memory is allocated, so 4096-wide projectors list instantly.
+    """
+    import torch
+
+    from llava_kit.model.projectors import ProjectorError, build_projector, count_parameters
+
+    rows = []
+    for name in names:
+        try:
+            with torch.device("meta"):
+                projector = build_projector(name, vision_width, llm_width, grid, has_cls=has_cls)
+        except ProjectorError as err:
+            rows.append({"projector": name, "visual_tokens": None, "parameters": None, "note": str(err)})
+            continue
+        rows.append({"projector": name, "visual_tokens": projector.num_output_tokens,
+                     "parameters": count_parameters(projector), "note": ""})
+    return rows
+
+
+def format_listing(rows: list[dict]) -> str:
+    """A plain-text table of `list_projectors` rows."""
+    lines = [f"{'projector':<14} {'visual tokens':>13} {'parameters':>14}"]
+    for row in rows:
+        if row["parameters"] is None:
+            lines.append(f"{row['projector']:<14} {'-':>13} {'-':>14}  refused: {row['note']}")
+        else:
+            lines.append(f"{row['projector']:<14} {row['visual_tokens']:>13,} {row['parameters']:>14,}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def load_compare_config(path: str | Path) -> dict:
+    """Read a comparison YAML; unknown top-level keys are errors that list the valid ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"comparison config {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping with keys {', '.join(COMPARE_KEYS)}")
+    unknown = sorted(set(data) - set(COMPARE_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(COMPARE_KEYS)}")
+    for key in ("projector_options", "shapes", "pretrain", "sft", "eval"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ValueError(f"{path}: `{key}` must be a mapping")
+    if not data.get("output_dir"):
+        raise ValueError(f"{path}: `output_dir` is empty; set where the runs and the report go")
+    return data
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    """`base` with `update` merged in recursively (mappings merge, anything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def prepare_shapes_task(shapes: dict, workdir: Path) -> dict:
+    """Prepare (or reuse) the shapes data, warmed-up tiny tower and text-pretrained tiny LLM under `workdir`."""
+    from llava_kit.demo.pipeline import DemoRecipe, prepare_shapes
+
+    valid = {f.name for f in fields(DemoRecipe)} - {"vision", "llm"}
+    unknown = sorted(set(shapes) - valid)
+    if unknown:
+        raise ValueError(f"`shapes` has unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    recipe = DemoRecipe(**shapes)
+    stamp = workdir / "prepared.json"
+    wanted = json.dumps(asdict(recipe), sort_keys=True)
+    if stamp.is_file() and json.loads(stamp.read_text())["recipe"] == wanted:
+        logger.info("reusing the prepared shapes task in %s", workdir)
+        return {k: Path(v) if isinstance(v, str) else {n: Path(p) for n, p in v.items()}
+                for k, v in json.loads(stamp.read_text())["paths"].items()}
+    timings: dict[str, float] = {}
+    prepared = prepare_shapes(recipe, workdir, timings)
+    paths = {k: str(v) if not isinstance(v, dict) else {n: str(p) for n, p in v.items()} for k, v in prepared.items()}
+    stamp.write_text(json.dumps({"recipe": wanted, "paths": paths, "timings_s": timings}, indent=2))
+    return prepared
+
+
+def stage_configs(compare: dict, prepared: dict | None) -> tuple[dict, dict, dict]:
+    """The base pretrain and sft run-config dicts and the eval settings, before a projector is chosen."""
+    pretrain, sft = compare.get("pretrain") or {}, compare.get("sft") or {}
+    evaluation = {"max_new_tokens": 24, "limit": 0, **(compare.get("eval") or {})}
+    if prepared is not None:
+        demo = {name: yaml.safe_load(Path(prepared["configs"][name]).read_text()) for name in ("pretrain", "sft")}
+        pretrain, sft = _deep_merge(demo["pretrain"], pretrain), _deep_merge(demo["sft"], sft)
+        evaluation = {"data": str(prepared["eval"]), "image_root": str(prepared["images"]), **evaluation}
+    for key in ("data", "image_root"):
+        if not evaluation.get(key):
+            raise ValueError(f"`eval.{key}` is empty; set the held-out questions (JSONL) and their image root, "
+                             "or use `shapes` to prepare the shapes task")
+    return pretrain, sft, evaluation
+
+
+def projector_run_configs(pretrain: dict, sft: dict, name: str, options: dict, runs_dir: Path,
+                          with_pretrain: bool = True, check_paths: bool = True):
+    """Validated RunConfigs of one projector's pretrain and sft (sft starts from the pretrained projector)."""
+    from llava_kit.config import config_from_dict
+
+    projector = {"model": {"projector": {"name": name, "options": options}}}
+    pretrain_cfg = config_from_dict(_deep_merge(pretrain, {
+        **projector, "stage": "pretrain", "output_dir": str(runs_dir / name / "pretrain")}), f"pretrain ({name})",
+        check_paths)
+    sft_cfg = config_from_dict(_deep_merge(sft, {
+        "model": {**projector["model"], "init_from": pretrain_cfg.output_dir if with_pretrain else None},
+        "stage": "sft", "output_dir": str(runs_dir / name / "sft")}), f"sft ({name})", check_paths=False)
+    return pretrain_cfg, sft_cfg
+
+
+def check_projectors(names: list[str], options: dict, cfg) -> None:
+    """Build every projector (on the meta device: no memory) for the tower and LLM of `cfg`; ProjectorError if one
+    cannot take them."""
+    import torch
+    from transformers import AutoConfig
+
+    from llava_kit.model.projectors import build_projector
+    from llava_kit.model.tiny import resolve_model_path
+    from llava_kit.model.vision import build_vision_tower
+
+    v = cfg.model.vision
+    tower = build_vision_tower(resolve_model_path(v.name_or_path), backend=v.backend, feature_layer=v.feature_layer,
+                               select_strategy=v.select_strategy, pretrained=v.pretrained)
+    has_cls = tower.has_cls and v.select_strategy == "full"
+    llm_width = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.name_or_path)).get_text_config().hidden_size
+    for name in names:
+        with torch.device("meta"):
+            build_projector(name, tower.width, llm_width, tower.grid, has_cls=has_cls, **options.get(name, {}))
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def training_memory_bytes(cfg) -> tuple[int, int, int]:
+    """(bytes, projector parameters, visual tokens) of one sft micro-batch of `cfg`'s model and data.
+
+    Bytes = weights + (gradient + two AdamW states) per trainable weight + the tensors autograd saves for backward
+    (counted once per storage, with saved_tensors_hooks). The same count on any device, and not disturbed by
+    other processes, unlike a process's peak RSS.
+    """
+    import torch
+
+    from llava_kit.data.dataset import Collator
+    from llava_kit.model.build import build_llava
+    from llava_kit.model.projectors import count_parameters
+    from llava_kit.train.engine import build_dataset
+    from llava_kit.train.trainable import apply_trainability
+
+    model, tokenizer = build_llava(cfg.model, torch.float32)
+    apply_trainability(model, cfg.model.trainable, cfg.model.lora)
+    dataset = build_dataset(cfg, model, tokenizer)
+    batch = Collator(tokenizer.pad_token_id)([dataset[i] for i in range(min(cfg.train.micro_batch_size,
+                                                                             len(dataset)))])
+    saved: dict[int, int] = {}
+
+    def remember(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor):
+        loss = model(**batch)["loss"]
+    loss.backward()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + 3 * trained + sum(saved.values()), count_parameters(model.multi_modal_projector), \
+        model.tokens_per_image
+
+
+def _sft_metrics(run_dir: Path, max_steps: int) -> tuple[float, float]:
+    """(mean seconds per optimizer step, last logged loss) from a run's metrics.jsonl."""
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    runtime = next((h["train_runtime"] for h in reversed(history) if "train_runtime" in h), float("nan"))
+    return runtime / max(max_steps, 1), losses[-1] if losses else float("nan")
+
+
+def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: dict, runs_dir: Path) -> ProjectorResult:
+    """Pretrain + sft + held-out eval of one projector; a projector without parameters skips pretraining."""
+    from llava_kit.eval import evaluate
+    from llava_kit.export.merge import load_for_inference
+    from llava_kit.train.engine import train
+
+    pretrain_cfg, sft_cfg = projector_run_configs(pretrain, sft, name, options, runs_dir)
+    memory, parameters, tokens = training_memory_bytes(sft_cfg)
+    start = time.perf_counter()
+    if parameters:
+        train(pretrain_cfg)
+    else:
+        logger.info("%s has no parameters: nothing to pretrain, sft trains the LLM alone", name)
+        pretrain_cfg, sft_cfg = projector_run_configs(pretrain, sft, name, options, runs_dir, with_pretrain=False)
+    sft_dir = train(sft_cfg)
+    train_seconds = time.perf_counter() - start
+    step_time, final_loss = _sft_metrics(sft_dir, sft_cfg.train.max_steps)
+    model, tokenizer, settings = load_for_inference(sft_dir)
+    records = held_out_records(evaluation)
+    accuracy = evaluate(model, tokenizer, settings, records, evaluation["image_root"],
+                        max_new_tokens=evaluation["max_new_tokens"], predictions_path=sft_dir / "eval_predictions.jsonl")
+    result = ProjectorResult(projector=name, parameters=parameters, visual_tokens=tokens,
+                             step_time_ms=1000 * step_time, memory_mib=memory / 2**20, final_loss=final_loss,
+                             accuracy=accuracy["all"], accuracy_by_kind={k: v for k, v in accuracy.items() if k != "all"},
+                             train_seconds=train_seconds)
+    logger.info("compare: %s -> accuracy %.2f (%d tokens, %s parameters, %.0f ms/step)", name, result.accuracy,
+                tokens, f"{parameters:,}", result.step_time_ms)
+    return result
+
+
+def compare_projectors(config_path: str | Path, projectors: list[str] | None = None,
+                       report: str | Path | None = None) -> tuple[list[ProjectorResult], Path]:
+    """Run the comparison a config describes; returns the rows and the markdown report's path."""
+    from llava_kit.model.projectors import resolve_projector
+
+    compare = load_compare_config(config_path)
+    names = projectors or compare.get("projectors") or list(LISTED_PROJECTORS)
+    for name in names:
+        resolve_projector(name)  # unknown names fail before anything runs
+    options = compare.get("projector_options") or {}
+    for name in options:
+        resolve_projector(name)
+    output_dir = Path(compare["output_dir"]).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_shapes_task(compare["shapes"], output_dir / "prepared") if compare.get("shapes") else None
+    pretrain, sft, evaluation = stage_configs(compare, prepared)
+    # Check every projector's configs and options up front: a mistake in the last one should not cost the first
+    # ones' runs.
+    for name in names:
+        _, sft_cfg = projector_run_configs(pretrain, sft, name, options.get(name, {}), output_dir / "runs")
+    check_projectors(names, options, sft_cfg)
+    start, load_before = time.perf_counter(), _load_average()
+    results = [run_one(name, options.get(name, {}), pretrain, sft, evaluation, output_dir / "runs") for name in names]
+    machine = {"seconds": time.perf_counter() - start, "load_before": load_before, "load_after": _load_average()}
+    report = Path(report) if report else output_dir / "comparison.md"
+    recipe = {"pretrain": stage_summary(pretrain), "sft": stage_summary(sft),
+              "eval": len(held_out_records(evaluation))}
+    from llava_kit.compare_report import write_report
+
+    write_report(results, report, config_path, prepared is not None, machine, recipe)
+    return results, report
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): step times depend on what else runs."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def stage_summary(stage: dict) -> str:
+    """`steps x micro-batch, lr` of a stage's train section, for the report."""
+    t = stage.get("train", {})
+    lr = t.get("learning_rate", "?")
+    projector_lr = t.get("projector_learning_rate")
+    return (f"{t.get('max_steps', '?')} steps x micro-batch {t.get('micro_batch_size', '?')}, lr {lr}"
+            + (f" (projector {projector_lr})" if projector_lr and projector_lr != lr else ""))
+
+
+def held_out_records(evaluation: dict) -> list:
+    """The held-out records the comparison scores (after `limit`)."""
+    from llava_kit.eval import read_eval_records
+
+    records = read_eval_records(evaluation["data"])
+    return records[: evaluation["limit"]] if evaluation.get("limit") else records
