@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -114,7 +113,9 @@ def main() -> int:
             run_llava_kit(paths, workdir / "rss-run", workdir / "cache-warm")
         else:
             run_reference(paths, workdir)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # VmHWM belongs to this program's address space; ru_maxrss would include the parent's (it survives exec).
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+        print(int(hwm.split()[1]) / 1024)
         return 0
 
     run_llava_kit(paths, workdir / "warmup", workdir / "cache-unused", max_steps=2)  # imports, allocator
