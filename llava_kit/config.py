@@ -169,6 +169,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto`: bf16 on a GPU that supports it, else fp32."""
     gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    """Multimodal stages: batches of one modality and similar lengths (less padding); false = plain shuffle."""
     deepspeed: str | None = None
     """Path of a DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json)."""
     resume_from_checkpoint: str | None = None

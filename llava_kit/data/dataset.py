@@ -119,6 +119,11 @@ class LlavaDataset(Dataset):
         return [len(e.input_ids) for e in self.examples]
 
     @property
+    def has_images(self) -> list[bool]:
+        """Per example: does it carry images (for modality-grouped sampling)."""
+        return [bool(e.image_paths) for e in self.examples]
+
+    @property
     def image_paths(self) -> list[str]:
         """Every image the kept examples use (with repeats)."""
         return [path for e in self.examples for path in e.image_paths]

@@ -25,6 +25,7 @@ from llava_kit.data.dataset import Collator, LlavaDataset
 from llava_kit.data.feature_cache import FeatureCache, default_cache_root
 from llava_kit.data.formats import read_llava
 from llava_kit.data.packing import PackedCollator
+from llava_kit.data.sampling import ModalityLengthGroupedSampler
 from llava_kit.data.text import build_text_dataset
 from llava_kit.model.build import build_llava, load_llm, load_tokenizer
 from llava_kit.train.checkpoint import load_projector, save_text_run, save_trained_weights
@@ -37,9 +38,19 @@ logger = logging.getLogger(__name__)
 class LlavaTrainer(Trainer):
     """Trainer with a separate projector learning rate, saving only the trained weights in checkpoints."""
 
-    def __init__(self, *args, projector_learning_rate: float | None = None, **kwargs):
+    def __init__(self, *args, projector_learning_rate: float | None = None, group_by_length: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_learning_rate = projector_learning_rate
+        self.group_by_length = group_by_length
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not (self.group_by_length and isinstance(dataset, LlavaDataset)):
+            return super()._get_train_sampler(train_dataset)
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return ModalityLengthGroupedSampler(dataset.lengths, dataset.has_images, global_batch, seed=args.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.projector_learning_rate is not None:
@@ -206,7 +217,7 @@ def train(cfg: RunConfig) -> Path:
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=(PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id),
-        projector_learning_rate=cfg.train.projector_learning_rate)
+        projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length)
     resume = cfg.train.resume_from_checkpoint
     if resume == "latest":
         resume = get_last_checkpoint(str(run_dir))
