@@ -117,7 +117,9 @@ class DataConfig:
     `format`, `weight` (copies of the dataset per epoch: 2.0 doubles it, 0.5 keeps a random half), and for hub
     names `split` (default train) and `subset`."""
     packing: bool | None = None
-    """Concatenate examples into blocks of max_seq_len tokens (no padding, no token lost); default: on for text-pt."""
+    """Concatenate examples into blocks of max_seq_len tokens (no padding, no token lost, no attention across
+    examples); default: on for text-pt. Multimodal stages pack whole samples with their images; worth it on a GPU
+    with flash-attention (varlen), slower than padding on CPU (sdpa builds a dense block mask)."""
     cache: bool = True
     """Cache tokenised text data under $LLAVA_KIT_HOME/cache/tokens, so a second run starts fast."""
     image_root: str = ""
@@ -415,8 +417,6 @@ def _data_problems(cfg: RunConfig, paths: list[str]) -> list[str]:
         for k in ("split", "subset"):
             if k in entry and not isinstance(entry[k], str):
                 problems.append(f"`{key}.{k}` must be a string, got {entry[k]!r}")
-    if d.packing and stage not in TEXT_STAGES:
-        problems.append("`data.packing` is for text stages (text-pt, text-sft); remove it for multimodal stages")
     if stage == "text-sft" and d.template == "plain":
         problems.append("stage `text-sft` needs a chat template; set `data.template` to chatml, vicuna_v1 or "
                         "tokenizer (`plain` drops the user's text)")

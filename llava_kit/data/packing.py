@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import Dataset
 
 from llava_kit.data.encode import IGNORE_INDEX
 
@@ -88,5 +89,51 @@ class PackedCollator:
             labels[row, :n] = item["labels"]
             position_ids[row, :n] = item["position_ids"]
             position_ids[row, n:] = torch.arange(longest - n)
-        # use_cache=False: with a KV cache object present transformers skips the packed-sequence mask
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                 # use_cache=False: with a KV cache object present transformers skips the packed-sequence mask
+                 "use_cache": False}
+        for key in ("pixel_values", "vision_features"):  # images of a multimodal block, in token order
+            images = [i[key] for i in items if key in i]
+            if images:
+                batch[key] = torch.cat(images)  # [total_images, ...]
+        return batch
+
+
+class PackedLlavaDataset(Dataset):
+    """Whole multimodal samples packed into blocks of `block_size` tokens, with their images in order.
+
+    The samples are shuffled once (seeded) and placed greedily; an image's tokens and a sample's answer
+    are never split. `__getitem__` returns one block: input_ids, labels, restarting position_ids and the
+    concatenated `pixel_values` or `vision_features` of its samples.
+    """
+
+    def __init__(self, dataset, block_size: int, seed: int = 0):
+        self.dataset = dataset
+        self.report = dataset.report
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.blocks: list[list[int]] = [[]]
+        used = 0
+        for index in order:
+            n = len(dataset.examples[index].input_ids)
+            if used + n > block_size and self.blocks[-1]:
+                self.blocks.append([])
+                used = 0
+            self.blocks[-1].append(index)
+            used += n
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict:
+        block = PackedBlock()
+        images: dict[str, list[torch.Tensor]] = {}
+        for member in self.blocks[index]:
+            item = self.dataset[member]
+            block.add(item["input_ids"].tolist(), item["labels"].tolist())
+            for key in ("pixel_values", "vision_features"):
+                if key in item:
+                    images.setdefault(key, []).append(item[key])
+        packed = {"input_ids": torch.tensor(block.input_ids), "labels": torch.tensor(block.labels),
+                  "position_ids": torch.tensor(block.position_ids)}
+        packed.update({key: torch.cat(parts) for key, parts in images.items()})
+        return packed

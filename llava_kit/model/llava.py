@@ -97,7 +97,8 @@ class LlavaModel(nn.Module):
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         lm = causal_lm_of(self.language_model)
         # use_cache=False: training needs no KV cache (and a cache would disable packed-sequence masking).
-        hidden = lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
+        kwargs["use_cache"] = False
+        hidden = lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   **kwargs).last_hidden_state
         # Position t predicts token t+1. Only labelled positions need logits: with a 32k vocabulary the
         # full [batch, seq, vocab] tensor would dominate the step, mostly over unlabelled image tokens.

@@ -24,7 +24,7 @@ from llava_kit.config import TEXT_STAGES, RunConfig, save_config
 from llava_kit.data.dataset import Collator, LlavaDataset
 from llava_kit.data.feature_cache import FeatureCache, default_cache_root
 from llava_kit.data.formats import read_llava
-from llava_kit.data.packing import PackedCollator
+from llava_kit.data.packing import PackedCollator, PackedLlavaDataset
 from llava_kit.data.sampling import ModalityLengthGroupedSampler
 from llava_kit.data.text import build_text_dataset
 from llava_kit.model.build import build_llava, load_llm, load_tokenizer
@@ -208,6 +208,8 @@ def train(cfg: RunConfig) -> Path:
         args = training_arguments(cfg, precision)
         dataset = build_dataset(cfg, model, tokenizer)
         attach_feature_cache(cfg, model, dataset, args.device)
+        if cfg.data.packing:
+            dataset = PackedLlavaDataset(dataset, cfg.data.max_seq_len, seed=cfg.seed)
     if cfg.train.gradient_checkpointing:
         lm = model if text_only else model.language_model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
