@@ -121,7 +121,7 @@ class DataConfig:
     examples); default: on for text-pt. Multimodal stages pack whole samples with their images; worth it on a GPU
     with flash-attention (varlen), slower than padding on CPU (sdpa builds a dense block mask)."""
     cache: bool = True
-    """Cache tokenised text data under $LLAVA_KIT_HOME/cache/tokens, so a second run starts fast."""
+    """Cache tokenised data (text and multimodal) under $LLAVA_KIT_HOME/cache/tokens: a rerun starts fast."""
     image_root: str = ""
     """Directory the `image` paths are relative to."""
     template: str = "plain"

@@ -107,6 +107,29 @@ class LlavaDataset(Dataset):
             raise BadRecordError("no usable records: every record was skipped (see the reasons above); "
                                  "run `llava-kit data check` on the data")
 
+    def to_encoded(self):
+        """The tokenised examples and the report, for the token cache (data/token_cache.py)."""
+        from llava_kit.data.token_cache import EncodedExamples
+
+        meta = {"image_paths": [e.image_paths for e in self.examples], "total": self.report.total,
+                "truncated": self.report.truncated, "skipped": [vars(b) for b in self.report.skipped]}
+        return EncodedExamples([e.input_ids for e in self.examples], [e.labels for e in self.examples], meta)
+
+    @classmethod
+    def from_encoded(cls, encoded, image_aspect: str = "pad", image_preprocess=None,
+                     image_mean=(0.5, 0.5, 0.5)) -> LlavaDataset:
+        """Rebuild a dataset saved by `to_encoded` without reading or tokenising the data again."""
+        dataset = cls.__new__(cls)
+        Dataset.__init__(dataset)
+        dataset.image_aspect, dataset.image_preprocess, dataset.image_mean = image_aspect, image_preprocess, image_mean
+        dataset.feature_reader = None
+        meta = encoded.meta
+        dataset.examples = [Example(ids, labels, paths) for ids, labels, paths in
+                            zip(encoded.input_ids, encoded.labels, meta["image_paths"], strict=True)]
+        dataset.report = DataReport(total=meta["total"], kept=len(dataset.examples), truncated=meta["truncated"],
+                                    skipped=[BadRecord(**b) for b in meta["skipped"]])
+        return dataset
+
     def _reject(self, bad: BadRecord, policy: str) -> None:
         reject(self.report, bad, policy)
 

@@ -27,6 +27,7 @@ from llava_kit.data.formats import read_llava
 from llava_kit.data.packing import PackedCollator, PackedLlavaDataset
 from llava_kit.data.sampling import ModalityLengthGroupedSampler
 from llava_kit.data.text import build_text_dataset
+from llava_kit.data.token_cache import TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
 from llava_kit.model.build import build_llava, load_llm, load_tokenizer
 from llava_kit.train.checkpoint import load_projector, save_text_run, save_trained_weights
 from llava_kit.train.plots import plot_loss
@@ -134,14 +135,34 @@ def choose_precision(precision: str, use_cpu: bool) -> str:
 
 
 def build_dataset(cfg: RunConfig, model, tokenizer) -> LlavaDataset:
-    """Read and encode the training data; bad records are skipped and reported, or stop the run."""
-    result = read_llava(cfg.data.path)
+    """Read and encode the training data; bad records are skipped and reported, or stop the run.
+
+    With `data.cache` (default) the encoded examples are cached, keyed by the data files' contents, the
+    tokenizer and every setting the tokens depend on, so a rerun skips reading, checking and tokenising.
+    """
     tower = model.vision_tower
-    return LlavaDataset(
-        result.samples, tokenizer, cfg.data.template, model.image_token_id, model.tokens_per_image,
-        cfg.data.max_seq_len, image_root=cfg.data.image_root, image_aspect=cfg.data.image_aspect,
-        image_preprocess=tower.preprocess, image_mean=tower.image_mean, system_prompt=cfg.data.system_prompt,
-        bad_records=cfg.data.bad_records, prior_bad=result.bad)
+    image_settings = {"image_aspect": cfg.data.image_aspect, "image_preprocess": tower.preprocess,
+                      "image_mean": tower.image_mean}
+
+    def encode():
+        result = read_llava(cfg.data.path)
+        return LlavaDataset(
+            result.samples, tokenizer, cfg.data.template, model.image_token_id, model.tokens_per_image,
+            cfg.data.max_seq_len, image_root=cfg.data.image_root, system_prompt=cfg.data.system_prompt,
+            bad_records=cfg.data.bad_records, prior_bad=result.bad, **image_settings)
+
+    if not cfg.data.cache:
+        return encode()
+    paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
+    key = cache_key(stage="multimodal", files=[file_fingerprint(p) for p in paths],
+                    tokenizer=tokenizer_fingerprint(tokenizer), template=cfg.data.template,
+                    system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len,
+                    image_token_id=model.image_token_id, tokens_per_image=model.tokens_per_image,
+                    image_root=str(Path(cfg.data.image_root).resolve()), bad_records=cfg.data.bad_records)
+    encoded, hit = TokenCache().get_or_build(key, lambda: encode().to_encoded())
+    if hit:
+        logger.info("data: tokenised examples read from the token cache (data.cache=false to re-encode)")
+    return LlavaDataset.from_encoded(encoded, **image_settings)
 
 
 def attach_feature_cache(cfg: RunConfig, model, dataset: LlavaDataset, device: torch.device) -> None:

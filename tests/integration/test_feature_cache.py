@@ -1,4 +1,5 @@
-"""Frozen-feature cache: same training as running the tower, encoded once, keyed by what features depend on."""
+"""Caches: frozen tower features (same training as running the tower, encoded once, keyed by what the
+features depend on) and tokenised multimodal data."""
 
 from __future__ import annotations
 
@@ -104,3 +105,33 @@ def test_incomplete_shard_is_ignored_and_concurrent_callers_encode_once(tower, t
     assert len(readers) == 3 and len(shards(root)) == 1
     for reader in readers:
         assert reader(paths[0]).shape == (tower.num_tokens, tower.width)
+
+
+def test_tokenised_multimodal_data_is_cached_and_keyed_by_content(make_config, tmp_path, caplog):
+    """Tokenisation done once: a rerun reads the examples and the report back; an edited file misses."""
+    import logging
+
+    from llava_kit.model.build import build_llava
+    from llava_kit.train.engine import build_dataset
+
+    data = tmp_path / "sft.json"
+    records = json.loads((SHAPES / "sft.json").read_text())
+    records[0]["image"] = "no/such/image.png"  # one bad record, so the report has something to carry
+    data.write_text(json.dumps(records))
+    cfg = make_config("tok", stage="sft", **{"data.path": str(data)})
+    model, tokenizer = build_llava(cfg.model)
+    first = build_dataset(cfg, model, tokenizer)
+    with caplog.at_level(logging.INFO, logger="llava_kit.train.engine"):
+        second = build_dataset(cfg, model, tokenizer)
+    assert "token cache" in caplog.text
+    assert [e.input_ids for e in second.examples] == [e.input_ids for e in first.examples]
+    assert [e.labels for e in second.examples] == [e.labels for e in first.examples]
+    assert [e.image_paths for e in second.examples] == [e.image_paths for e in first.examples]
+    assert second.report.to_dict() == first.report.to_dict() and len(second.report.skipped) == 1
+    torch.testing.assert_close(second[0]["pixel_values"], first[0]["pixel_values"])
+
+    data.write_text(json.dumps(records[:-1]))  # edited data: a miss, re-encoded
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llava_kit.train.engine"):
+        third = build_dataset(cfg, model, tokenizer)
+    assert "token cache" not in caplog.text and len(third) == len(first) - 1

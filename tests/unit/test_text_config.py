@@ -28,13 +28,14 @@ def test_text_data_problems_are_reported_together(tmp_path):
     assert "`data.datasets[2].path` is missing" in text and "`data.datasets[3]` must be a mapping" in text
 
 
-def test_text_sft_needs_a_chat_template_and_packing_is_for_text_stages(tmp_path):
+def test_text_sft_needs_a_chat_template_and_multimodal_packing_is_opt_in(tmp_path):
     with pytest.raises(ConfigError, match="needs a chat template"):
         config_from_dict(text_cfg(tmp_path, path="a.jsonl", template="plain"), check_paths=False)
-    with pytest.raises(ConfigError, match="`data.packing` is for text stages"):
-        config_from_dict({"stage": "sft", "output_dir": "x", "model": {"vision": {"name_or_path": "tiny:vision"},
-                          "llm": {"name_or_path": "tiny:llm"}}, "data": {"path": "a.json", "image_root": "i",
-                          "packing": True}}, check_paths=False)
+    multimodal = {"stage": "sft", "output_dir": "x", "model": {"vision": {"name_or_path": "tiny:vision"},
+                  "llm": {"name_or_path": "tiny:llm"}}, "data": {"path": "a.json", "image_root": "i"}}
+    assert config_from_dict(multimodal, check_paths=False).data.packing is False
+    multimodal["data"]["packing"] = True
+    assert config_from_dict(multimodal, check_paths=False).data.packing is True
 
 
 def test_packing_defaults_on_for_text_pt_only(tmp_path):
