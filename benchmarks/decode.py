@@ -76,8 +76,8 @@ def main() -> int:
         return 1
     timings = {}
     for name, generate in (("llava-kit", ours), ("reference", theirs)):
-        first = best_seconds(lambda: generate(1), args.repeats)
-        full = best_seconds(lambda: generate(NEW_TOKENS + 1), args.repeats)
+        first = best_seconds(lambda g=generate: g(1), args.repeats)
+        full = best_seconds(lambda g=generate: g(NEW_TOKENS + 1), args.repeats)
         timings[name] = (first, NEW_TOKENS / (full - first))  # (TTFT s, decode tokens/s)
     (ttft, rate), (ttft_ref, rate_ref) = timings["llava-kit"], timings["reference"]
     print(f"TTFT ms: llava-kit {ttft * 1000:.1f}, reference {ttft_ref * 1000:.1f}; decode tokens/s: llava-kit "

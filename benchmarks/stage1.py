@@ -8,6 +8,7 @@ One epoch over the same 96 samples (batch 8, shapes in llava_setup.py), three wa
     the longest, full-vocabulary logits), a plain loop;
   - llava-kit: `llava_kit.train.engine.train` (the HF Trainer), cold feature cache then warm;
   - limit: the LLM forward + backward alone on the same batches, loss at the labelled positions.
+The limit runs on the batches llava-kit's sampler forms (same tokens, same padding).
 Prints `stage1_vs_reference`, `stage1_first_epoch_vs_reference`, `stage1_vs_limit` and
 `memory_vs_reference` (peak RSS of a process running each stage-1 epoch).
 """
@@ -77,8 +78,16 @@ def run_reference(paths: dict, root: Path) -> float:
 
 
 def run_limit(paths: dict, root: Path) -> float:
-    """The LLM forward + backward (to its input embeddings) on the same batches, loss at labelled positions."""
-    model, loader = reference_batches(paths, root)
+    """The LLM forward + backward (to its input embeddings) on llava-kit's batches, loss at labelled positions."""
+    from torch.utils.data import DataLoader
+
+    from llava_kit.data.sampling import ModalityLengthGroupedSampler
+
+    model, reference_loader = reference_batches(paths, root)
+    dataset = reference_loader.dataset
+    # The batches the Trainer forms for llava-kit (same sampler, seed and epoch): the same tokens, the same padding.
+    sampler = ModalityLengthGroupedSampler(dataset.lengths, dataset.has_images, BATCH, seed=0)
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, collate_fn=reference_loader.collate_fn)
     llm = model.language_model
     llm.requires_grad_(False)
     batches = list(loader)  # decode outside the timing: the limit is the LLM alone
