@@ -103,9 +103,10 @@ class VisionTower(nn.Module):
         [batch, 1 or 0, width] (the CLS token, if any) and [batch, rows*cols, width]."""
         raise NotImplementedError
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write weights (safetensors), architecture and preprocessing to `out_dir`; `build_vision_tower(out_dir)`
-        rebuilds this tower exactly, without the original name or path."""
+        rebuilds this tower exactly, without the original name or path. `state_dict` (named as in this tower's
+        `state_dict()`) replaces the live weights, e.g. gathered whole from ZeRO-3 partitions."""
         raise NotImplementedError
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -176,9 +177,11 @@ class TransformersVisionTower(VisionTower):
         n_prefix = 1 if self.has_cls else 0  # SigLIP has no CLS token: never slice a token off there
         return hidden[:, :n_prefix], hidden[:, n_prefix:]
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write a plain transformers checkpoint: config.json, model.safetensors, preprocessor_config.json."""
-        self.vision_model.save_pretrained(out_dir)
+        if state_dict is not None:
+            state_dict = {k.removeprefix("vision_model."): v for k, v in state_dict.items()}
+        self.vision_model.save_pretrained(out_dir, state_dict=state_dict)
         self.image_processor.save_pretrained(out_dir)
 
 
@@ -358,10 +361,12 @@ class OpenClipVisionTower(VisionTower):
         patches = torch.cat([layers[i][1] for i in self.hidden_indices], dim=-1)
         return prefix, patches
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write open_clip_config.json (architecture + preprocessing) and the vision weights (safetensors)."""
         os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.visual.state_dict().items()}
+        if state_dict is None:
+            state_dict = self.state_dict()
+        state = {k.removeprefix("visual."): v.contiguous() for k, v in state_dict.items()}
         save_file(state, os.path.join(out_dir, OPEN_CLIP_VISION_WEIGHTS))
         # Same layout as open_clip's hub configs (model_cfg, preprocess_cfg), so open_clip tools can read it.
         config = {"model_name": self.model_name, "model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -24,8 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llava_kit.config import RunConfig, load_saved_config
 from llava_kit.model.llava import LlavaModel, causal_lm_of
-
-logger = logging.getLogger(__name__)
+from llava_kit.train.distributed import trained_names, whole_state_dict
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_SPEC = "projector.json"
@@ -41,30 +39,30 @@ def weights_fingerprint(tensors) -> str:
     return digest.hexdigest()[:16]
 
 
-def base_identity(model: LlavaModel) -> dict | None:
+def base_identity(model: LlavaModel, keep: bool = True) -> dict | None:
     """What a projector depends on: the tower's weights and layer choice, the LLM's architecture and embeddings.
 
     The LLM is identified by its config and its input embeddings (not every weight: hashing a 7B model on each
     load would take tens of seconds); LoRA leaves the embeddings alone, full fine-tuning changes them.
-    None when DeepSpeed ZeRO-3 has partitioned the weights (this process does not hold them whole).
+    Collective under ZeRO-3 (the weights are gathered whole); a process with `keep=False` gets None.
     """
     tower = model.vision_tower
     llm = causal_lm_of(model.language_model)
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        logger.warning("weights are partitioned (ZeRO-3): the projector's record names the base models but holds "
-                       "no weight fingerprints, so loading it checks shapes, layer, strategy and template only")
+    tower_state = whole_state_dict(tower, keep=keep)
+    embeddings = whole_state_dict(llm.get_input_embeddings(), keep=keep)
+    if not keep:
         return None
-    text_config = llm.config.get_text_config()
-    embeddings = llm.get_input_embeddings().weight
     return {
-        "vision_weights": weights_fingerprint(tower.state_dict().items()),
-        "llm_model_type": text_config.model_type,
-        "llm_embeddings": weights_fingerprint([("embeddings", embeddings)]),
+        "vision_weights": weights_fingerprint(tower_state.items()),
+        "llm_model_type": llm.config.get_text_config().model_type,
+        "llm_embeddings": weights_fingerprint([("embeddings", embeddings["weight"])]),
     }
 
 
-def projector_spec(model: LlavaModel, cfg: RunConfig) -> dict:
-    """The projector's constructor arguments plus what it was trained against (checked by `load_projector`)."""
+def projector_spec(model: LlavaModel, cfg: RunConfig, keep: bool = True) -> dict:
+    """The projector's constructor arguments plus what it was trained against (checked by `load_projector`).
+
+    Collective under ZeRO-3 (see `base_identity`)."""
     tower = model.vision_tower
     return {
         "name": cfg.model.projector.name,
@@ -75,7 +73,7 @@ def projector_spec(model: LlavaModel, cfg: RunConfig) -> dict:
         "has_cls": tower.has_cls and cfg.model.vision.select_strategy == "full",
         "num_output_tokens": model.tokens_per_image,
         "trained_with": {"vision": tower.describe(), "llm": cfg.model.llm.name_or_path,
-                         "template": cfg.data.template, "stage": cfg.stage, "identity": base_identity(model)},
+                         "template": cfg.data.template, "stage": cfg.stage, "identity": base_identity(model, keep)},
     }
 
 
@@ -110,9 +108,10 @@ def provenance_mismatches(spec: dict, model: LlavaModel, template: str | None = 
     return problems
 
 
-def save_projector(model: LlavaModel, out_dir: Path, spec: dict) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.multi_modal_projector.state_dict().items()}
-    save_file(state, str(out_dir / PROJECTOR_WEIGHTS))
+def save_projector(model: LlavaModel, out_dir: Path, spec: dict, state: dict | None = None) -> None:
+    """Write the projector's weights (`state`, default: the model's own) and its spec."""
+    state = whole_state_dict(model.multi_modal_projector) if state is None else state
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / PROJECTOR_WEIGHTS))
     (out_dir / PROJECTOR_SPEC).write_text(json.dumps(spec, indent=2))
 
 
@@ -150,32 +149,54 @@ def load_projector(model: LlavaModel, source_dir: str | Path, template: str | No
         raise ValueError(f"{weights} does not fit this model's projector: {err}") from None
 
 
-def save_trained_weights(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: str | Path) -> None:
-    """Write what this run trained (see the module docstring) into `out_dir`."""
+def save_trained_weights(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: str | Path,
+                         writer: bool = True) -> None:
+    """Write what this run trained (see the module docstring) into `out_dir`.
+
+    Under DeepSpeed ZeRO-3 every process must call this: each weight is gathered whole in turn (collectively),
+    and only the `writer` (rank 0) keeps the copies and writes them.
+    """
+    trainable = cfg.model.trainable
+    spec = projector_spec(model, cfg, keep=writer)
+    projector = whole_state_dict(model.multi_modal_projector, keep=writer)
+    adapter = llm = vision = None
+    if trainable.llm in ("lora", "qlora"):
+        adapter = whole_state_dict(model.language_model, only=trained_names(model.language_model), keep=writer)
+    elif trainable.llm == "full":
+        llm = whole_state_dict(causal_lm_of(model.language_model), keep=writer)
+    if trainable.vision == "full":
+        vision = whole_state_dict(model.vision_tower, keep=writer)
+    if not writer:
+        return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainable = cfg.model.trainable
-    save_projector(model, out_dir, projector_spec(model, cfg))
-    if trainable.llm in ("lora", "qlora"):
+    save_projector(model, out_dir, spec, projector)
+    if adapter is not None:
         # The `<image>` row added to the embeddings is rebuilt deterministically (mean init) from the base,
         # so the adapter needs no copy of the embedding matrices.
-        model.language_model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
-    elif trainable.llm == "full":
-        causal_lm_of(model.language_model).save_pretrained(out_dir / "llm")
-    if trainable.vision == "full":
-        model.vision_tower.save_pretrained(out_dir / "vision")
+        model.language_model.save_pretrained(out_dir / "adapter", state_dict=adapter, save_embedding_layers=False)
+    if llm is not None:
+        causal_lm_of(model.language_model).save_pretrained(out_dir / "llm", state_dict=llm)
+    if vision is not None:
+        model.vision_tower.save_pretrained(out_dir / "vision", state_dict=vision)
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
 
-def save_text_run(model, tokenizer, cfg: RunConfig, out_dir: str | Path) -> None:
-    """A text run: `llm/` (a complete transformers model dir with its tokenizer) or `adapter/` + `tokenizer/`."""
+def save_text_run(model, tokenizer, cfg: RunConfig, out_dir: str | Path, writer: bool = True) -> None:
+    """A text run: `llm/` (a complete transformers model dir with its tokenizer) or `adapter/` + `tokenizer/`.
+
+    Collective under ZeRO-3, like `save_trained_weights`; only the `writer` writes."""
     out_dir = Path(out_dir)
     if cfg.model.trainable.llm in ("lora", "qlora"):
-        model.save_pretrained(out_dir / "adapter")
-        tokenizer.save_pretrained(out_dir / "tokenizer")
+        adapter = whole_state_dict(model, only=trained_names(model), keep=writer)
+        if writer:
+            model.save_pretrained(out_dir / "adapter", state_dict=adapter)
+            tokenizer.save_pretrained(out_dir / "tokenizer")
     else:
-        model.save_pretrained(out_dir / "llm")
-        tokenizer.save_pretrained(out_dir / "llm")
+        llm = whole_state_dict(model, keep=writer)
+        if writer:
+            model.save_pretrained(out_dir / "llm", state_dict=llm)
+            tokenizer.save_pretrained(out_dir / "llm")
 
 
 def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LlavaModel, object, RunConfig]:

@@ -71,11 +71,11 @@ class LlavaTrainer(Trainer):
         return super().create_optimizer(model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # Checkpoints hold only the trainable tensors (resume loads them non-strictly onto the rebuilt base).
-        if state_dict is None:
-            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-            state_dict = {k: v for k, v in self.model.state_dict().items() if k in trainable}
-        super()._save(output_dir, state_dict=state_dict)
+        # Checkpoints hold only the trainable tensors (resume loads them non-strictly onto the rebuilt base). Under
+        # DeepSpeed the Trainer hands over the whole gathered model: filter that too, or each checkpoint is a full copy.
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        state_dict = self.model.state_dict() if state_dict is None else state_dict
+        super()._save(output_dir, state_dict={k: v for k, v in state_dict.items() if k in trainable})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Our checkpoints hold exactly the trainable tensors: load them, and refuse a checkpoint of another run
@@ -248,8 +248,10 @@ def train(cfg: RunConfig) -> Path:
             logger.warning("resume_from_checkpoint=latest but %s has no checkpoint-N; starting fresh", run_dir)
     trainer.train(resume_from_checkpoint=resume)
 
-    if trainer.is_world_process_zero():
-        (save_text_run if text_only else save_trained_weights)(model, tokenizer, cfg, run_dir)
+    # Every process takes part in saving (ZeRO-3 gathers partitioned weights collectively); rank 0 writes.
+    writer = trainer.is_world_process_zero()
+    (save_text_run if text_only else save_trained_weights)(model, tokenizer, cfg, run_dir, writer=writer)
+    if writer:
         history = trainer.state.log_history
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         plot_loss(history, run_dir / "loss.png", title=f"{cfg.stage}: {run_dir.name}")
