@@ -58,6 +58,10 @@ class LLMConfig:
     """Tokenizer location when it differs from `name_or_path`."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (needed by e.g. InternLM2); only for sources you trust."""
+    attn_implementation: str = "auto"
+    """Attention kernel for training: `auto` is flash_attention_2 on a CUDA GPU with the flash-attn package when
+    training in bf16/fp16 (varlen kernels make `data.packing` pay), else transformers' default (sdpa); or any name
+    transformers takes: sdpa, eager, flash_attention_2, flex_attention."""
 
 
 @dataclass
@@ -170,7 +174,9 @@ class TrainConfig:
     """Keep at most this many checkpoints."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto`: bf16 on a GPU that supports it, else fp32."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute the LLM's activations in backward (less memory, ~30% more compute); `auto`: on when training on a
+    CUDA GPU, off on the CPU."""
     group_by_length: bool = True
     """Multimodal stages: batches of one modality and similar lengths (less padding); false = plain shuffle."""
     deepspeed: str | None = None

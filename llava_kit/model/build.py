@@ -48,9 +48,9 @@ def resize_embeddings_with_mean(llm, vocab_size: int) -> None:
 
 
 def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32, quantization_config=None,
-             trust_remote_code: bool = False):
+             trust_remote_code: bool = False, attn_implementation: str | None = None):
     """Any transformers causal LM from a hub id or local directory (4-bit on this process's GPU with a
-    bitsandbytes `quantization_config`, for QLoRA)."""
+    bitsandbytes `quantization_config`, for QLoRA); `attn_implementation` None is transformers' default."""
     import os
 
     from transformers import AutoModelForCausalLM
@@ -59,23 +59,31 @@ def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32, quantization
     extra = {}
     if quantization_config is not None:  # quantized weights are placed at load time, one GPU per process
         extra = {"quantization_config": quantization_config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
         raise ValueError(f"cannot load the LLM {name_or_path!r}: {err}") from None
+    except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise ValueError(f"cannot load the LLM {name_or_path!r} with attn_implementation={attn_implementation!r}: "
+                         f"{err}; set model.llm.attn_implementation=auto (or sdpa)") from None
 
 
 def build_llava(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                 llm_path: str | None = None, tokenizer_path: str | None = None,
-                quantization_config=None) -> tuple[LlavaModel, object]:
-    """Build tower + projector (fresh) + LLM from `model_cfg`; returns (model, tokenizer with `<image>`)."""
+                quantization_config=None, attn_implementation: str | None = None) -> tuple[LlavaModel, object]:
+    """Build tower + projector (fresh) + LLM from `model_cfg`; returns (model, tokenizer with `<image>`).
+
+    `attn_implementation` is the LLM's attention kernel (None: transformers' default); training resolves
+    `model.llm.attn_implementation` into it (engine.choose_attn_implementation)."""
     v = model_cfg.vision
     tower = build_vision_tower(resolve_model_path(v.name_or_path), backend=v.backend, feature_layer=v.feature_layer,
                                select_strategy=v.select_strategy, pretrained=v.pretrained)
     llm_location = llm_path or model_cfg.llm.name_or_path
     remote_code = model_cfg.llm.trust_remote_code
     tokenizer = load_tokenizer(tokenizer_path or model_cfg.llm.tokenizer or llm_location, remote_code)
-    llm = load_llm(llm_location, dtype, quantization_config, remote_code)
+    llm = load_llm(llm_location, dtype, quantization_config, remote_code, attn_implementation)
     image_token_id = add_image_token(tokenizer)
     resize_embeddings_with_mean(llm, len(tokenizer))
     has_cls = tower.has_cls and v.select_strategy == "full"

@@ -107,22 +107,27 @@ def qlora_settings(cfg: RunConfig, precision: str):
     return dtype, qlora_quantization_config(dtype)
 
 
-def build_text_model(cfg: RunConfig, precision: str = "fp32"):
+def build_text_model(cfg: RunConfig, precision: str = "fp32", attn_implementation: str | None = None,
+                     gradient_checkpointing: bool = False):
     """The LLM alone for text stages: full fine-tuning, LoRA or QLoRA, as `model.trainable.llm` says."""
     remote_code = cfg.model.llm.trust_remote_code
     tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, remote_code)
     dtype, quantization = qlora_settings(cfg, precision)
-    llm = load_llm(cfg.model.llm.name_or_path, dtype, quantization, remote_code)
+    llm = load_llm(cfg.model.llm.name_or_path, dtype, quantization, remote_code, attn_implementation)
     mode = cfg.model.trainable.llm
     if mode in ("lora", "qlora"):
-        llm = add_lora(llm, cfg.model.lora, quantized=mode == "qlora",
-                       gradient_checkpointing=cfg.train.gradient_checkpointing)
+        llm = add_lora(llm, cfg.model.lora, quantized=mode == "qlora", gradient_checkpointing=gradient_checkpointing)
     else:
         llm.requires_grad_(True)
     trained = sum(p.numel() for p in llm.parameters() if p.requires_grad)
     logger.info("trainable language_model %s / %s (%s)", f"{trained:,}", f"{sum(p.numel() for p in llm.parameters()):,}",
                 mode)
     return llm, tokenizer
+
+
+def on_gpu(cfg: RunConfig) -> bool:
+    """True when this run trains on a CUDA GPU (one is visible and train.use_cpu is off)."""
+    return not cfg.train.use_cpu and torch.cuda.is_available()
 
 
 def choose_precision(precision: str, use_cpu: bool) -> str:
@@ -132,6 +137,23 @@ def choose_precision(precision: str, use_cpu: bool) -> str:
     if not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def choose_attn_implementation(requested: str, precision: str, gpu: bool) -> str | None:
+    """`auto` -> flash_attention_2 where it can run (a GPU, the flash-attn package, bf16/fp16 compute), else None
+    (transformers' default, sdpa); any other value is passed through."""
+    import importlib.util
+
+    if requested != "auto":
+        return requested
+    if gpu and precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+def choose_gradient_checkpointing(requested: bool | str, gpu: bool) -> bool:
+    """`auto` -> on when training on a GPU (activations are what runs out there), off on the CPU."""
+    return gpu if requested == "auto" else bool(requested)
 
 
 def build_dataset(cfg: RunConfig, model, tokenizer) -> LlavaDataset:
@@ -203,17 +225,21 @@ def train(cfg: RunConfig) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.seed)
     precision = choose_precision(cfg.train.precision, cfg.train.use_cpu)
-    logger.info("stage %s -> %s (precision %s)", cfg.stage, run_dir, precision)
+    attention = choose_attn_implementation(cfg.model.llm.attn_implementation, precision, on_gpu(cfg))
+    checkpointing = choose_gradient_checkpointing(cfg.train.gradient_checkpointing, on_gpu(cfg))
+    logger.info("stage %s -> %s (precision %s, attention %s, gradient checkpointing %s)", cfg.stage, run_dir,
+                precision, attention or "transformers' default", "on" if checkpointing else "off")
 
     text_only = cfg.stage in TEXT_STAGES
     if text_only:
-        model, tokenizer = build_text_model(cfg, precision)
+        model, tokenizer = build_text_model(cfg, precision, attention, checkpointing)
         # TrainingArguments after the model: with ZeRO-3 its creation would make from_pretrained partition at load.
         args = training_arguments(cfg, precision)
         dataset = build_text_dataset(cfg.data, cfg.stage, tokenizer, seed=cfg.seed)
     else:
         _, quantization = qlora_settings(cfg, precision)
-        model, tokenizer = build_llava(cfg.model, torch.float32, quantization_config=quantization)
+        model, tokenizer = build_llava(cfg.model, torch.float32, quantization_config=quantization,
+                                       attn_implementation=attention)
         if quantization is not None:  # the 4-bit LLM sits on its GPU already; tower and projector join it
             from transformers.utils.quantization_config import QuantizationMethod
 
@@ -225,13 +251,13 @@ def train(cfg: RunConfig) -> Path:
         if cfg.model.init_from:
             load_projector(model, cfg.model.init_from, template=cfg.data.template)
             logger.info("projector initialised from %s", cfg.model.init_from)
-        apply_trainability(model, cfg.model.trainable, cfg.model.lora, cfg.train.gradient_checkpointing)
+        apply_trainability(model, cfg.model.trainable, cfg.model.lora, checkpointing)
         args = training_arguments(cfg, precision)
         dataset = build_dataset(cfg, model, tokenizer)
         attach_feature_cache(cfg, model, dataset, args.device)
         if cfg.data.packing:
             dataset = PackedLlavaDataset(dataset, cfg.data.max_seq_len, seed=cfg.seed)
-    if cfg.train.gradient_checkpointing:
+    if checkpointing:
         lm = model if text_only else model.language_model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dataset.report.log()
