@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from distributed_support import zero3_partitioning_everything
 
 from llava_kit.cli import main
 from llava_kit.config import load_config
@@ -93,7 +94,7 @@ def test_text_sft_under_torchrun_zero3_builds_the_token_cache_once(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llava_kit.cli", "train",
          str(IDENTITY), f"output_dir={out}", "train.max_steps=3", "data.packing=true",
-         "train.deepspeed=configs/deepspeed/zero3.json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+         f"train.deepspeed={zero3_partitioning_everything(tmp_path)}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("(token cache: miss)") == 1 and done.stderr.count("(token cache: hit)") == 1
     from safetensors.torch import load_file
