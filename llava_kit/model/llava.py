@@ -115,9 +115,13 @@ class LlavaModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
-        """Generate from a prompt with images; returns only the new tokens [batch, new]."""
+        """Generate from a prompt with images; returns only the new tokens [batch, new].
+
+        `generate_kwargs` are those of `llava_kit.model.generation.generate` (max_new_tokens, do_sample,
+        temperature, top_p, eos_token_id, pad_token_id, streamer, ...).
+        """
+        from llava_kit.model.generation import generate  # here: generation.py imports this module
+
         inputs_embeds = self.embed(input_ids, pixel_values)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                            **generate_kwargs)
+        return generate(self.language_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        **generate_kwargs)

@@ -19,6 +19,7 @@ from transformers import TextStreamer
 from llava_kit.data.encode import encode_messages
 from llava_kit.data.images import load_image, prepare_image
 from llava_kit.data.templates import IMAGE_TOKEN, render
+from llava_kit.model.generation import generate
 
 COMPLETION = "completion"  # the inference template of text-pt models (see export/merge.py)
 
@@ -112,12 +113,12 @@ class ChatSession:
         sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else \
             {"do_sample": False}
         streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text else None
-        output = self.model.generate(input_ids, **images, max_new_tokens=g.max_new_tokens,
-                                     eos_token_id=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
-                                     streamer=streamer, **sampling)
-        # LlavaModel generates from embeddings and returns only new tokens; a plain LM returns prompt + answer
-        new_tokens = output[0, input_ids.shape[1]:] if self.text_only else output[0]
-        answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        options = {"max_new_tokens": g.max_new_tokens, "eos_token_id": self.stop_token_ids(),
+                   "pad_token_id": self.tokenizer.pad_token_id, "streamer": streamer, **sampling}
+        # both return only the new tokens [1, new]
+        output = generate(self.model, input_ids=input_ids, **options) if self.text_only else \
+            self.model.generate(input_ids, **images, **options)
+        answer = self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
