@@ -1,11 +1,14 @@
 """Chat decoding speed: llava-kit's generation path against `LlavaForConditionalGeneration.generate`.
 
+llava-kit's path is the one `llava-kit chat` takes: `LlavaModel.generate`, which decodes with the loop of
+`llava_kit/model/generation.py` (not transformers' `generate`).
+
     python benchmarks/decode.py [--workdir DIR]
 
 Same weights (llava_setup.py shapes: CLIP 6x256 at 224 px, Llama 4x256, vocabulary 32,000), same prompt
 (one image + a question through the chat template), greedy, 64 new tokens forced (`min_new_tokens`).
 Time to first token = a 1-token generation (tower + projector + prefill + one LM-head row); decode
-speed = the extra tokens of a 65-token generation over its extra time. Best of several repeats each.
+speed = the extra tokens of a 65-token generation over its extra time. Best of several interleaved repeats.
 Prints `decode_vs_reference` (tokens/s ÷ reference) and `ttft_vs_reference` (seconds ÷ reference).
 """
 
@@ -30,13 +33,20 @@ from llava_kit.model.build import build_llava  # noqa: E402
 NEW_TOKENS = 64
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_seconds(runs: dict, repeats: int) -> dict:
+    """The best time of each of `runs` (name: function) over `repeats` rounds of one call each.
+
+    Rounds interleave the functions, so that load from other processes, which comes and goes, falls on
+    llava-kit and the reference alike rather than on whichever happened to be timed at the time.
+    """
+    for fn in runs.values():  # warm-up
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -74,11 +84,11 @@ def main() -> int:
     if not torch.equal(ours(16), theirs(16)):
         print("llava-kit and the reference generate different tokens: the comparison is void", file=sys.stderr)
         return 1
-    timings = {}
-    for name, generate in (("llava-kit", ours), ("reference", theirs)):
-        first = best_seconds(lambda g=generate: g(1), args.repeats)
-        full = best_seconds(lambda g=generate: g(NEW_TOKENS + 1), args.repeats)
-        timings[name] = (first, NEW_TOKENS / (full - first))  # (TTFT s, decode tokens/s)
+    generators = {"llava-kit": ours, "reference": theirs}
+    best = best_seconds({(name, n): (lambda g=g, n=n: g(n)) for name, g in generators.items()
+                         for n in (1, NEW_TOKENS + 1)}, args.repeats)
+    timings = {name: (best[name, 1], NEW_TOKENS / (best[name, NEW_TOKENS + 1] - best[name, 1]))
+               for name in generators}  # (TTFT s, decode tokens/s)
     (ttft, rate), (ttft_ref, rate_ref) = timings["llava-kit"], timings["reference"]
     print(f"TTFT ms: llava-kit {ttft * 1000:.1f}, reference {ttft_ref * 1000:.1f}; decode tokens/s: llava-kit "
           f"{rate:.1f}, reference {rate_ref:.1f} (prompt {input_ids.shape[1]} tokens, {NEW_TOKENS} new)",
