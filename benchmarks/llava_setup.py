@@ -47,14 +47,16 @@ def build_workdir(root: Path, n_samples: int = N_SAMPLES) -> dict:
     tokenizer.save_pretrained(paths["llm"])
 
     rng = random.Random(0)
-    words = ("a red blue green circle square triangle star on the white gray background image shows small large "
-             "shape colour picture of in with and").split()
+    # Each of these words is one token of the tiny tokenizer (after a space), so a caption of 16-48 words is
+    # 16-48 tokens, as issue 7 specifies (words of several tokens made captions of 20-83 tokens).
+    words = ("a red blue green circle square triangle star on the white gray background image shape colour picture "
+             "of in and").split()
     paths["images"].mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n_samples):
         spec = random_spec(rng, rng.choice(SHAPES), rng.choice(list(COLORS)), min_side=224, max_side=224)
         draw_spec(rng, spec).save(paths["images"] / f"{i:04d}.png")
-        caption = " ".join(rng.choice(words) for _ in range(rng.randint(16, 48)))  # ~16-48 tokens
+        caption = " ".join(rng.choice(words) for _ in range(rng.randint(16, 48)))  # 16-48 tokens
         records.append({"id": str(i), "image": f"{i:04d}.png", "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": caption}]})
     paths["data"].write_text(json.dumps(records))
