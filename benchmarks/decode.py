@@ -53,7 +53,7 @@ def best_seconds(runs: dict, repeats: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="reuse models and data here (default: temp)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     paths = build_workdir(args.workdir or Path(tempfile.mkdtemp(prefix="llava-kit-bench-")))
     cfg = config_from_dict(stage1_config(paths, paths["data"].parent / "unused", paths["data"].parent / "unused"))
