@@ -18,6 +18,7 @@ image this gives the same pixels as the published processors (shortest-edge resi
 nothing).
 """
 
+import contextlib
 import difflib
 import json
 import logging
@@ -170,12 +171,35 @@ class TransformersVisionTower(VisionTower):
         return batch["pixel_values"].to(torch.float32)
 
     def _layer_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        with self._blocks_up_to(max(self.hidden_indices)):
+            outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
         # hidden_states: num_layers + 1 tensors [batch, n_prefix + rows*cols, width]; [0] = embeddings, [k] = block k
         # output. SigLIP's last_hidden_state has post_layernorm applied, hidden_states[-1] does not.
         hidden = torch.cat([outputs.hidden_states[i] for i in self.hidden_indices], dim=-1)  # layers side by side
         n_prefix = 1 if self.has_cls else 0  # SigLIP has no CLS token: never slice a token off there
         return hidden[:, :n_prefix], hidden[:, n_prefix:]
+
+    @contextlib.contextmanager
+    def _blocks_up_to(self, last_block: int):
+        """Run only the encoder blocks up to `last_block` (1-based) inside this context.
+
+        Blocks after the deepest chosen layer cannot change the features (LLaVA's layer -2 leaves the last one
+        unused; vLLM builds its llava towers without it): skipping them saves their compute in every encode, in
+        training and chat alike, and the weights stay in the module, so saving and export are unchanged. Blocks
+        skipped this way get no gradient either way.
+        """
+        encoder = getattr(self.vision_model, "encoder", None)
+        layers = getattr(encoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or last_block >= len(layers):
+            yield
+            return
+        # A ModuleList of the same block modules; at least one block, since transformers records hidden_states[0]
+        # (the embeddings) as the first block's input.
+        encoder.layers = layers[:max(last_block, 1)]
+        try:
+            yield
+        finally:
+            encoder.layers = layers
 
     def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write a plain transformers checkpoint: config.json, model.safetensors, preprocessor_config.json."""

@@ -146,6 +146,29 @@ def test_layers_are_raw_block_outputs(family, clip_dir, siglip_dir):
         assert not torch.allclose(hidden[-1], normed)
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_blocks_after_the_deepest_chosen_layer_are_not_run(family, clip_dir, siglip_dir):
+    """Layer -2 never runs the last block (its compute is saved), yet gives exactly hidden_states[-2]; the block
+    stays in the module (saving and export keep every weight)."""
+    path, model_class = (clip_dir, CLIPVisionModel) if family == "clip" else (siglip_dir, SiglipVisionModel)
+    pixel_values = _pixels()
+    hidden = _hidden_states(model_class.from_pretrained(path), pixel_values)
+    tower = build_vision_tower(str(path), feature_layer=-2, select_strategy="full")
+    calls = []
+    blocks = tower.vision_model.encoder.layers
+    for index, block in enumerate(blocks):
+        block.register_forward_hook(lambda module, args, out, index=index: calls.append(index))
+    assert torch.equal(_encode(tower, pixel_values), hidden[-2])
+    assert calls == list(range(LAYERS - 1))
+    assert len(tower.vision_model.encoder.layers) == LAYERS  # restored after the call
+    calls.clear()
+    tower_last = build_vision_tower(str(path), feature_layer=[-1, -3])
+    for index, block in enumerate(tower_last.vision_model.encoder.layers):
+        block.register_forward_hook(lambda module, args, out, index=index: calls.append(index))
+    _encode(tower_last, pixel_values)
+    assert calls == list(range(LAYERS))  # the last layer chosen: every block runs
+
+
 def test_preprocess_resizes_the_whole_image_without_cropping(clip_tower, clip_dir):
     # Three vertical bands, red | green | blue: a centre crop of the wide image would keep only green.
     bands = np.zeros((SIZE, 3 * SIZE, 3), dtype=np.uint8)
