@@ -130,13 +130,11 @@ def on_gpu(cfg: RunConfig) -> bool:
     return not cfg.train.use_cpu and torch.cuda.is_available()
 
 
-def choose_precision(precision: str, use_cpu: bool) -> str:
+def choose_precision(precision: str, gpu: bool) -> str:
     """`auto` -> bf16 on a GPU that supports it, else fp32."""
     if precision != "auto":
         return precision
-    if not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def choose_attn_implementation(requested: str, precision: str, gpu: bool) -> str | None:
@@ -224,9 +222,10 @@ def train(cfg: RunConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.seed)
-    precision = choose_precision(cfg.train.precision, cfg.train.use_cpu)
-    attention = choose_attn_implementation(cfg.model.llm.attn_implementation, precision, on_gpu(cfg))
-    checkpointing = choose_gradient_checkpointing(cfg.train.gradient_checkpointing, on_gpu(cfg))
+    gpu = on_gpu(cfg)
+    precision = choose_precision(cfg.train.precision, gpu)
+    attention = choose_attn_implementation(cfg.model.llm.attn_implementation, precision, gpu)
+    checkpointing = choose_gradient_checkpointing(cfg.train.gradient_checkpointing, gpu)
     logger.info("stage %s -> %s (precision %s, attention %s, gradient checkpointing %s)", cfg.stage, run_dir,
                 precision, attention or "transformers' default", "on" if checkpointing else "off")
 
