@@ -2,8 +2,9 @@
 
 Heavy libraries (torch, transformers) are imported inside the functions that need them, so
 `llava-kit --help` and `llava-kit caption ...` start fast. Logs and progress go to stderr;
-results to stdout or files. User errors print one clear message (no traceback) and exit 2; set
-LLAVA_KIT_DEBUG=1 to see the traceback.
+results to stdout or files. User errors (`LlavaKitError`, llava_kit/errors.py) print one clear message (no
+traceback) and exit 2; set LLAVA_KIT_DEBUG=1 to see their traceback. Any other exception is a bug and shows its
+traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import contextlib
 import logging
 import os
 import sys
+
+from llava_kit.errors import LlavaKitError, UsageError
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -56,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for name in ("max_body_mb", "max_new_tokens", "max_batch_size", "max_images"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     settings = ServerSettings(
         model_name=args.model_name or Path(args.model).resolve().name,
         api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY") or None,
@@ -127,7 +130,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if (cfg is not None and cfg.stage in ("text-pt", "text-sft")) or args.format not in (None, "llava"):
         return _data_check_text(args, cfg, args.format or cfg.data.format)
     if not args.image_root:
-        raise ValueError("--image-root is required for LLaVA data (give --format for text data)")
+        raise UsageError("--image-root is required for LLaVA data (give --format for text data)")
     if cfg is not None:
         from llava_kit.model.build import build_llava
 
@@ -344,9 +347,6 @@ def _run_caption(args: argparse.Namespace) -> int:
     return run_caption(args)
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the chosen subcommand; returns the process exit code."""
     parser = build_parser()
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         # results belong on stdout, so everything printed goes to stderr and handlers write to args.results.
         with contextlib.redirect_stdout(sys.stderr):
             return int(args.handler(args) or 0)
-    except USER_ERRORS as err:
+    except LlavaKitError as err:  # anything else is a bug: its traceback shows (exit 1)
         if os.environ.get("LLAVA_KIT_DEBUG"):
             raise
         print(f"llava-kit {args.command}: error: {err}", file=sys.stderr)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from llava_kit.errors import ConfigError, PathNotFoundError, UsageError
+
 logger = logging.getLogger(__name__)
 
 COMPARE_KEYS = ("output_dir", "projectors", "projector_options", "shapes", "pretrain", "sft", "eval")
@@ -70,7 +72,7 @@ def parse_grid(text: str) -> tuple[int, int]:
     except ValueError:
         values = []
     if len(values) not in (1, 2) or min(values, default=0) < 1:
-        raise ValueError(f"--grid must be a side (24) or ROWSxCOLS (27x27), got {text!r}")
+        raise UsageError(f"--grid must be a side (24) or ROWSxCOLS (27x27), got {text!r}")
     return (values[0], values[-1])
 
 
@@ -115,18 +117,18 @@ def load_compare_config(path: str | Path) -> dict:
     """Read a comparison YAML; unknown top-level keys are errors that list the valid ones."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"comparison config {str(path)!r} does not exist")
+        raise PathNotFoundError(f"comparison config {str(path)!r} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping with keys {', '.join(COMPARE_KEYS)}")
+        raise ConfigError(f"the top level must be a mapping with keys {', '.join(COMPARE_KEYS)}", str(path))
     unknown = sorted(set(data) - set(COMPARE_KEYS))
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(COMPARE_KEYS)}")
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(COMPARE_KEYS)}", str(path))
     for key in ("projector_options", "shapes", "pretrain", "sft", "eval"):
         if not isinstance(data.get(key) or {}, dict):
-            raise ValueError(f"{path}: `{key}` must be a mapping")
+            raise ConfigError(f"`{key}` must be a mapping", str(path))
     if not data.get("output_dir"):
-        raise ValueError(f"{path}: `output_dir` is empty; set where the runs and the report go")
+        raise ConfigError("`output_dir` is empty; set where the runs and the report go", str(path))
     return data
 
 
@@ -148,7 +150,8 @@ def prepare_shapes_task(shapes: dict, workdir: Path) -> dict:
     valid = {f.name for f in fields(DemoRecipe)} - {"vision", "llm"}
     unknown = sorted(set(shapes) - valid)
     if unknown:
-        raise ValueError(f"`shapes` has unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        raise ConfigError(f"`shapes` has unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}",
+                          "comparison config")
     recipe = DemoRecipe(**shapes)
     stamp = workdir / "prepared.json"
     wanted = json.dumps(asdict(recipe), sort_keys=True)
@@ -173,8 +176,8 @@ def stage_configs(compare: dict, prepared: dict | None) -> tuple[dict, dict, dic
         evaluation = {"data": str(prepared["eval"]), "image_root": str(prepared["images"]), **evaluation}
     for key in ("data", "image_root"):
         if not evaluation.get(key):
-            raise ValueError(f"`eval.{key}` is empty; set the held-out questions (JSONL) and their image root, "
-                             "or use `shapes` to prepare the shapes task")
+            raise ConfigError(f"`eval.{key}` is empty; set the held-out questions (JSONL) and their image root, "
+                              "or use `shapes` to prepare the shapes task", "comparison config")
     return pretrain, sft, evaluation
 
 

@@ -19,20 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
+from llava_kit.errors import ConfigError
+
 STAGES = ("pretrain", "sft", "text-pt", "text-sft")
 MULTIMODAL_STAGES = ("pretrain", "sft")
 TEXT_STAGES = ("text-pt", "text-sft")
 DATA_FORMATS = ("auto", "llava", "text", "alpaca", "sharegpt", "openai", "moss")
 DATASET_KEYS = ("path", "format", "weight", "split", "subset")
-
-
-class ConfigError(ValueError):
-    """One or more problems in a config; the message lists all of them."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
 @dataclass

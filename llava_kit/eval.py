@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from llava_kit.data.images import resolve_image_path
 from llava_kit.data.shapes import ShapeSpec, score_answer
+from llava_kit.errors import DataError
 from llava_kit.serve.chat import ChatSession, GenerationSettings, answer_batch, answer_once
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def read_eval_records(path: str | Path) -> list[dict]:
             continue
         record = json.loads(line)
         if "question" not in record or not ({"answer"} <= record.keys() or {"shape", "color"} <= record.keys()):
-            raise ValueError(f"{path}:{line_no}: an eval record needs `question` and `answer` (or shape/color)")
+            raise DataError(f"{path}:{line_no}: an eval record needs `question` and `answer` (or shape/color)")
         records.append(record)
     return records
 

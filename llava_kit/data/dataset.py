@@ -18,11 +18,12 @@ from torch.utils.data import Dataset
 from llava_kit.data.encode import IGNORE_INDEX, EncodeError, encode_messages
 from llava_kit.data.formats import BadRecord, Sample
 from llava_kit.data.images import ImageLoadError, load_image, prepare_image, resolve_image_path
+from llava_kit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 
-class BadRecordError(ValueError):
+class BadRecordError(DataError):
     """Raised under the strict policy (`data.bad_records: error`) at the first bad record."""
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llava_kit.data.templates import IMAGE_TOKEN, render
+from llava_kit.errors import DataError
 
 IGNORE_INDEX = -100
 
 
-class EncodeError(ValueError):
+class EncodeError(DataError):
     """A sample that cannot be trained on; the message is the reason reported for it."""
 
 

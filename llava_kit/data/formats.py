@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_kit.data.templates import IMAGE_TOKEN
+from llava_kit.errors import DataError, PathNotFoundError, RecordError
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -53,10 +54,10 @@ def _iter_records(path: Path):
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); LLaVA JSON is one array of records, "
+        raise DataError(f"{path} is not valid JSON ({err}); LLaVA JSON is one array of records, "
                          "or use a .jsonl file with one record per line") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}; LLaVA JSON is an array of records")
+        raise DataError(f"{path} holds a JSON {type(data).__name__}; LLaVA JSON is an array of records")
     for index, record in enumerate(data):
         yield f"{path.name}[{index}]", record, None
 
@@ -64,36 +65,36 @@ def _iter_records(path: Path):
 def record_to_sample(record, source: str) -> Sample:
     """Convert one LLaVA record; raises ValueError with the reason when it is malformed."""
     if not isinstance(record, dict):
-        raise ValueError(f"record is a {type(record).__name__}, not an object")
+        raise RecordError(f"record is a {type(record).__name__}, not an object")
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
-        raise ValueError("missing or empty `conversations` list")
+        raise RecordError("missing or empty `conversations` list")
     image = record.get("image")
     images = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-        raise ValueError("`image` must be a path string or a list of path strings")
+        raise RecordError("`image` must be a path string or a list of path strings")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise ValueError(f"turn {i + 1} is not an object with a string `value`")
+            raise RecordError(f"turn {i + 1} is not an object with a string `value`")
         role = ROLE_NAMES.get(turn.get("from"))
         if role is None:
-            raise ValueError(f"turn {i + 1} has unknown role {turn.get('from')!r} (expected human/gpt/system)")
+            raise RecordError(f"turn {i + 1} has unknown role {turn.get('from')!r} (expected human/gpt/system)")
         messages.append({"role": role, "content": turn["value"]})
     chat = [m for m in messages if m["role"] != "system"]
     for i, m in enumerate(chat):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise ValueError(f"bad roles: turn {i + 1} is {m['role']!r}, expected {expected!r} (human and gpt alternate)")
+            raise RecordError(f"bad roles: turn {i + 1} is {m['role']!r}, expected {expected!r} (human and gpt alternate)")
         if m["role"] == "assistant" and IMAGE_TOKEN in m["content"]:
-            raise ValueError(f"turn {i + 1}: `<image>` appears in an answer; images belong in human turns")
+            raise RecordError(f"turn {i + 1}: `<image>` appears in an answer; images belong in human turns")
     if not chat or chat[-1]["role"] != "assistant":
-        raise ValueError("bad roles: the conversation does not end with an answer (gpt turn)")
+        raise RecordError("bad roles: the conversation does not end with an answer (gpt turn)")
     if any(not m["content"].strip() for m in chat if m["role"] == "assistant"):
-        raise ValueError("empty answer")
+        raise RecordError("empty answer")
     tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if tags != len(images):
-        raise ValueError(f"{tags} `<image>` tag(s) in the text but {len(images)} image(s) in the record")
+        raise RecordError(f"{tags} `<image>` tag(s) in the text but {len(images)} image(s) in the record")
     return Sample(str(record.get("id", source)), images, messages, source)
 
 
@@ -103,7 +104,7 @@ def read_llava(paths: str | list[str]) -> ReadResult:
     for p in [paths] if isinstance(paths, str) else paths:
         path = Path(p)
         if not path.is_file():
-            raise ValueError(f"data file {str(path)!r} does not exist")
+            raise PathNotFoundError(f"data file {str(path)!r} does not exist")
         for source, record, error in _iter_records(path):
             if error:
                 result.bad.append(BadRecord(source, None, error))

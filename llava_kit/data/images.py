@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from llava_kit.errors import DataError
+
 MAX_IMAGE_PIXELS = 16384 * 16384  # ~268 MP: far beyond any training image, far below a bomb
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(DataError):
     """An image that cannot be used; the message is the reason reported for it."""
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from llava_kit.errors import UsageError
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 """The shape classes."""
 
@@ -88,7 +90,7 @@ class ShapeSpec:
 
 def _check_choice(name: str, value: str, valid) -> None:
     if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(valid)}")
+        raise UsageError(f"unknown {name} {value!r}; choose one of: {', '.join(valid)}")
 
 
 def _jittered(rng: random.Random, rgb: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -114,7 +116,7 @@ def draw_shape_image(
     _check_choice("color", color, COLORS)
     _check_choice("background", background, BACKGROUNDS)
     if width < 16 or height < 16:
-        raise ValueError(f"image size {width}x{height} is too small; both sides must be at least 16 px")
+        raise UsageError(f"image size {width}x{height} is too small; both sides must be at least 16 px")
 
     image = Image.new("RGB", (width, height), BACKGROUNDS[background])
     fill = _jittered(rng, COLORS[color])
@@ -140,7 +142,7 @@ def draw_shape_image(
 def random_spec(rng: random.Random, shape: str, color: str, min_side: int = 96, max_side: int = 256) -> ShapeSpec:
     """A `ShapeSpec` for `shape` and `color` with random width, height and background."""
     if not 16 <= min_side <= max_side:
-        raise ValueError(f"need 16 <= min_side <= max_side, got min_side={min_side}, max_side={max_side}")
+        raise UsageError(f"need 16 <= min_side <= max_side, got min_side={min_side}, max_side={max_side}")
     return ShapeSpec(
         shape=shape,
         color=color,
@@ -239,7 +241,7 @@ def write_shapes_dataset(
     Returns the paths under the keys `images`, `pretrain`, `sft` and `eval`.
     """
     if n_train < 1 or n_eval < 0:
-        raise ValueError(f"need n_train >= 1 and n_eval >= 0, got n_train={n_train}, n_eval={n_eval}")
+        raise UsageError(f"need n_train >= 1 and n_eval >= 0, got n_train={n_train}, n_eval={n_eval}")
     out = Path(out_dir)
     image_dir = out / "images"
     rng = random.Random(seed)

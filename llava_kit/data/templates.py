@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llava_kit.errors import DataError
+
 IMAGE_TOKEN = "<image>"
 TEMPLATE_NAMES = ("plain", "vicuna_v1", "chatml", "tokenizer")
 
@@ -27,7 +29,7 @@ VICUNA_SYSTEM = (
 CHATML_SYSTEM = "You are a helpful assistant."
 
 
-class TemplateError(ValueError):
+class TemplateError(DataError):
     """The messages cannot be rendered with the chosen template."""
 
 

@@ -30,6 +30,7 @@ from llava_kit.data.formats import BadRecord
 from llava_kit.data.packing import pack_examples
 from llava_kit.data.text_formats import iter_file_records, read_conversation_records
 from llava_kit.data.token_cache import EncodedExamples, TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
+from llava_kit.errors import DataError, PathNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +65,15 @@ def iter_records(spec: DatasetSpec):
                     yield f"{path.name}#{i + 1}", {"text": block.strip()}, None
             return
         if path.suffix not in (".json", ".jsonl"):
-            raise ValueError(f"{path}: text stages read .txt, .json or .jsonl files (or a `datasets` hub name)")
+            raise DataError(f"{path}: text stages read .txt, .json or .jsonl files (or a `datasets` hub name)")
         yield from iter_file_records(path)
         return
     if not looks_like_hub_name(spec.path):
-        raise ValueError(f"data file {spec.path!r} does not exist")
+        raise PathNotFoundError(f"data file {spec.path!r} does not exist")
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{spec.path!r} is not a local file, and loading it as a hub dataset needs the `datasets` "
+        raise DataError(f"{spec.path!r} is not a local file, and loading it as a hub dataset needs the `datasets` "
                          "library: pip install datasets (or download the data and give its file path)") from None
     hub = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
     for index, record in enumerate(hub):

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from llava_kit.data.formats import BadRecord, Sample
+from llava_kit.errors import DataError, RecordError
 
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "openai", "moss", "llava")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -48,7 +49,7 @@ def detect_format(record) -> str:
         keys = ", ".join(sorted(map(str, record))[:8])
     else:
         keys = type(record).__name__
-    raise ValueError(f"unknown record format (keys: {keys}); expected alpaca (instruction/output), sharegpt "
+    raise RecordError(f"unknown record format (keys: {keys}); expected alpaca (instruction/output), sharegpt "
                      "(conversations), openai (messages) or moss (chat); set data.format to say which")
 
 
@@ -59,16 +60,16 @@ def _check_conversation(messages: list[dict]) -> list[dict]:
     else:
         system, chat = [], messages
     if not chat:
-        raise ValueError("no user/assistant turns")
+        raise RecordError("no user/assistant turns")
     for i, m in enumerate(chat):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise ValueError(f"bad roles: turn {i + 1} is {m['role']!r}, expected {expected!r} "
+            raise RecordError(f"bad roles: turn {i + 1} is {m['role']!r}, expected {expected!r} "
                              "(user and assistant alternate after an optional first system message)")
     if chat[-1]["role"] != "assistant":
-        raise ValueError("bad roles: the conversation does not end with an answer")
+        raise RecordError("bad roles: the conversation does not end with an answer")
     if any(not m["content"].strip() for m in chat if m["role"] == "assistant"):
-        raise ValueError("empty answer")
+        raise RecordError("empty answer")
     if system and not system[0]["content"].strip():
         system = []
     return system + chat
@@ -79,7 +80,7 @@ def _string(record: dict, key: str, required: bool = True) -> str:
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"`{key}` must be a string, got {type(value).__name__}")
+        raise RecordError(f"`{key}` must be a string, got {type(value).__name__}")
     return value
 
 
@@ -89,13 +90,13 @@ def alpaca_messages(record: dict) -> list[dict]:
     instruction, extra = _string(record, "instruction"), _string(record, "input", required=False)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     if not user.strip():
-        raise ValueError("empty instruction")
+        raise RecordError("empty instruction")
     system = _string(record, "system", required=False)
     messages = [{"role": "system", "content": system}] if system.strip() else []
     history = record.get("history") or []
     if not isinstance(history, list) or not all(
             isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
-        raise ValueError("`history` must be a list of [question, answer] string pairs")
+        raise RecordError("`history` must be a list of [question, answer] string pairs")
     for question, answer in history:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, "output")}]
@@ -103,14 +104,14 @@ def alpaca_messages(record: dict) -> list[dict]:
 
 def _turns(turns, role_key: str, text_key: str, roles: dict[str, str], names: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
-        raise ValueError("missing or empty list of turns")
+        raise RecordError("missing or empty list of turns")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
-            raise ValueError(f"turn {i + 1} is not an object with a string `{text_key}`")
+            raise RecordError(f"turn {i + 1} is not an object with a string `{text_key}`")
         role = roles.get(turn.get(role_key))
         if role is None:
-            raise ValueError(f"turn {i + 1} has unknown role {turn.get(role_key)!r} (expected {names})")
+            raise RecordError(f"turn {i + 1} has unknown role {turn.get(role_key)!r} (expected {names})")
         messages.append({"role": role, "content": turn[text_key]})
     return messages
 
@@ -118,7 +119,7 @@ def _turns(turns, role_key: str, text_key: str, roles: dict[str, str], names: st
 def sharegpt_messages(record: dict) -> list[dict]:
     """ShareGPT `conversations` (from/value) -> messages; a top-level `system` string comes first."""
     if record.get("image") or record.get("images"):
-        raise ValueError("the record has images; text stages train on text only (use stage sft for images)")
+        raise RecordError("the record has images; text stages train on text only (use stage sft for images)")
     messages = _turns(record.get("conversations"), "from", "value", SHAREGPT_ROLES, "human/gpt/system")
     system = record.get("system")
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
@@ -143,7 +144,7 @@ def _with_text_content(turn):
     for part in turn["content"]:
         if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"a content part of type {kind!r}: text stages read text parts only")
+            raise RecordError(f"a content part of type {kind!r}: text stages read text parts only")
         texts.append(part["text"])
     return {**turn, "content": "\n".join(texts)}
 
@@ -151,7 +152,7 @@ def _with_text_content(turn):
 def _moss_text(turn: dict, key: str, turn_name: str) -> str:
     value = turn.get(key)
     if not isinstance(value, str):
-        raise ValueError(f"{turn_name} has no `{key}` string")
+        raise RecordError(f"{turn_name} has no `{key}` string")
     return MOSS_SUFFIX.sub("", MOSS_PREFIX.sub("", value))
 
 
@@ -159,7 +160,7 @@ def moss_messages(record: dict) -> list[dict]:
     """MOSS-003-SFT `meta_instruction` + `chat` {turn_1: {Human, MOSS, ...}, ...} -> messages."""
     chat = record.get("chat")
     if not isinstance(chat, dict) or not chat:
-        raise ValueError("missing or empty `chat` object")
+        raise RecordError("missing or empty `chat` object")
     names = sorted(chat, key=lambda k: int(k.rpartition("_")[2]) if k.rpartition("_")[2].isdigit() else -1)
     messages = []
     system = record.get("meta_instruction")
@@ -168,7 +169,7 @@ def moss_messages(record: dict) -> list[dict]:
     for name in names:
         turn = chat[name]
         if not isinstance(turn, dict):
-            raise ValueError(f"`chat.{name}` is not an object with Human and MOSS")
+            raise RecordError(f"`chat.{name}` is not an object with Human and MOSS")
         messages.append({"role": "user", "content": _moss_text(turn, "Human", name)})
         messages.append({"role": "assistant", "content": _moss_text(turn, "MOSS", name)})
     return messages
@@ -181,10 +182,10 @@ READERS = {"alpaca": alpaca_messages, "sharegpt": sharegpt_messages, "llava": sh
 def record_to_text_sample(record, source: str, fmt: str = "auto") -> Sample:
     """One record -> Sample; raises ValueError with the reason when it cannot be trained on."""
     if not isinstance(record, dict):
-        raise ValueError(f"record is a {type(record).__name__}, not an object")
+        raise RecordError(f"record is a {type(record).__name__}, not an object")
     fmt = detect_format(record) if fmt == "auto" else fmt
     if fmt not in READERS:
-        raise ValueError(f"unknown conversation format {fmt!r}; valid: {', '.join(CONVERSATION_FORMATS)}")
+        raise RecordError(f"unknown conversation format {fmt!r}; valid: {', '.join(CONVERSATION_FORMATS)}")
     messages = _check_conversation(READERS[fmt](record))
     return Sample(str(record.get("id", source)), [], messages, source)
 
@@ -203,10 +204,10 @@ def iter_file_records(path: Path) -> Iterator[tuple[str, object, str | None]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); give a JSON array of records, or a .jsonl file "
+        raise DataError(f"{path} is not valid JSON ({err}); give a JSON array of records, or a .jsonl file "
                          "with one record per line") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected an array of records")
+        raise DataError(f"{path} holds a JSON {type(data).__name__}; expected an array of records")
     for index, record in enumerate(data):
         yield f"{path.name}[{index}]", record, None
 

@@ -16,6 +16,7 @@ import json
 import re
 
 from llava_kit.data.templates import CHATML_SYSTEM, IMAGE_TOKEN, VICUNA_SYSTEM
+from llava_kit.errors import ExportError
 
 _MARKER = re.compile(r"^\{#- llava-kit: (\{.*?\}) -#\}")
 
@@ -53,7 +54,7 @@ def jinja_template(template: str, tokenizer, system_prompt: str | None, settings
     bos, eos = _literal(tokenizer.bos_token), _literal(tokenizer.eos_token)
     if template == "tokenizer":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the model uses template `tokenizer` but its tokenizer has no chat_template")
+            raise ExportError("the model uses template `tokenizer` but its tokenizer has no chat_template")
         if system_prompt is None:
             return marker + tokenizer.chat_template
         # llava-kit prepends the configured system prompt when the conversation has none: so does this.
@@ -85,7 +86,7 @@ def jinja_template(template: str, tokenizer, system_prompt: str | None, settings
                 "{%- elif m['role'] == 'assistant' -%}{{ ' ' + content(m) + " + eos + " }}{%- endif -%}"
                 "{%- endfor -%}")
         return marker + _CONTENT_MACRO + body
-    raise ValueError(f"no Jinja equivalent for template {template!r}")
+    raise ExportError(f"no Jinja equivalent for template {template!r}")
 
 
 def settings_from_template(chat_template: str | None) -> dict | None:

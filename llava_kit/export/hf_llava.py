@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from llava_kit.data.templates import IMAGE_TOKEN
+from llava_kit.errors import ExportError, UsageError
 from llava_kit.export.chat_templates import jinja_template
 from llava_kit.model.llava import LlavaModel, causal_lm_of
 from llava_kit.model.projectors import LinearProjector, MlpGeluProjector
@@ -30,10 +31,6 @@ from llava_kit.model.projectors import LinearProjector, MlpGeluProjector
 logger = logging.getLogger(__name__)
 
 FORMATS = ("hf-llava",)
-
-
-class ExportError(ValueError):
-    """The model cannot be written in the requested format; the message says why and what to do instead."""
 
 
 def projector_layers(projector) -> tuple[str, torch.nn.Linear | None, torch.nn.Linear | None]:
@@ -162,7 +159,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "hf-llav
     from llava_kit.export.merge import load_for_inference
 
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     model, tokenizer, settings = load_for_inference(model_dir)
     check_exportable(model)  # before folding LoRA: fail fast
     if hasattr(model.language_model, "merge_and_unload"):

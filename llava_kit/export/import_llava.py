@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llava_kit.data.templates import IMAGE_TOKEN
+from llava_kit.errors import ModelLoadError, PathNotFoundError
 from llava_kit.export.chat_templates import settings_from_template
 from llava_kit.model.llava import LlavaModel
 
@@ -34,14 +35,14 @@ logger = logging.getLogger(__name__)
 ORIGINAL_LLM_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2", "llava": "llama"}
 
 
-class CheckpointImportError(ValueError):
+class CheckpointImportError(ModelLoadError):
     """A checkpoint llava-kit cannot import as asked; the message says why."""
 
 
 def _config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a llava-hf or original LLaVA checkpoint")
+        raise PathNotFoundError(f"{path} has no config.json: not a llava-hf or original LLaVA checkpoint")
     return json.loads(file.read_text())
 
 
@@ -174,7 +175,7 @@ def _original_state(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
+        raise PathNotFoundError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
     for file in files:
         if file.suffix == ".safetensors":
             state.update(load_file(str(file)))

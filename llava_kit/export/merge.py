@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava_kit.data.templates import IMAGE_TOKEN
+from llava_kit.errors import ModelLoadError, PathNotFoundError
 from llava_kit.model.llava import LlavaModel
 from llava_kit.train.checkpoint import PROJECTOR_WEIGHTS, load_run, projector_spec, save_projector
 
@@ -56,7 +57,7 @@ def load_text_run(run_dir: Path, cfg, dtype: torch.dtype = torch.float32):
     if (run_dir / "llm").is_dir():
         return load_llm(str(run_dir / "llm"), dtype, None, remote_code), load_tokenizer(str(run_dir / "llm"), remote_code)
     if not (run_dir / "adapter").is_dir():
-        raise FileNotFoundError(f"{run_dir} has neither llm/ nor adapter/; did its `llava-kit train` finish?")
+        raise ModelLoadError(f"{run_dir} has neither llm/ nor adapter/; did its `llava-kit train` finish?")
     from peft import PeftModel
 
     base = load_llm(cfg.model.llm.name_or_path, dtype, None, remote_code)
@@ -170,7 +171,7 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32
     if kind == "hf-llava":
         return load_checkpoint(model_dir, dtype=dtype)
     if kind == "original-llava":
-        raise ValueError(f"{model_dir} is an original LLaVA checkpoint; convert it first with `llava-kit import "
+        raise ModelLoadError(f"{model_dir} is an original LLaVA checkpoint; convert it first with `llava-kit import "
                          f"{model_dir} -o OUT_DIR [--vision TOWER_DIR]` and use OUT_DIR")
     if (model_dir / "config.json").is_file():  # a plain transformers LLM: a merged text run, or any causal LM
         return load_text_model(model_dir, dtype)
@@ -184,7 +185,7 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32
         model, tokenizer, cfg = load_run(model_dir, dtype)
         return model, tokenizer, InferenceSettings(cfg.data.template, cfg.data.system_prompt,
                                                    cfg.data.image_aspect, cfg.data.max_seq_len)
-    raise FileNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}), a run directory (config.yaml), "
+    raise PathNotFoundError(f"{model_dir} is neither a merged model ({MERGED_SPEC}), a run directory (config.yaml), "
                             "a llava-hf directory nor a transformers LLM (config.json); give the output of "
                             "`llava-kit merge`, `llava-kit train` or `llava-kit import`")
 

@@ -12,6 +12,7 @@ import torch
 
 from llava_kit.config import ModelConfig
 from llava_kit.data.encode import add_image_token
+from llava_kit.errors import ModelLoadError
 from llava_kit.model.llava import LlavaModel
 from llava_kit.model.projectors import build_projector
 from llava_kit.model.tiny import resolve_model_path
@@ -26,7 +27,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; llava-kit needs a fast "
+        raise ModelLoadError(f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; llava-kit needs a fast "
                          "one for character offsets (install `tokenizers`, or convert it with AutoTokenizer(use_fast=True))")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and labels anyway
@@ -64,9 +65,9 @@ def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32, quantization
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
-        raise ValueError(f"cannot load the LLM {name_or_path!r}: {err}") from None
+        raise ModelLoadError(f"cannot load the LLM {name_or_path!r}: {err}") from None
     except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
-        raise ValueError(f"cannot load the LLM {name_or_path!r} with attn_implementation={attn_implementation!r}: "
+        raise ModelLoadError(f"cannot load the LLM {name_or_path!r} with attn_implementation={attn_implementation!r}: "
                          f"{err}; set model.llm.attn_implementation=auto (or sdpa)") from None
 
 

@@ -13,8 +13,10 @@ from typing import NoReturn
 import torch
 from torch import nn
 
+from llava_kit.errors import LlavaKitError
 
-class ProjectorError(ValueError):
+
+class ProjectorError(LlavaKitError):
     """A projector cannot be built as asked; the message says what to change."""
 
 

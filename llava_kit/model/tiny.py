@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llava_kit.errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
@@ -148,7 +150,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     part = name_or_path[len(TINY_PREFIX):]
     if part not in ("vision", "llm"):
-        raise ValueError(f"unknown tiny model {name_or_path!r}; use tiny:vision or tiny:llm")
+        raise ModelLoadError(f"unknown tiny model {name_or_path!r}; use tiny:vision or tiny:llm")
     home = tiny_home()
     target = home / part
     if not (target / "config.json").is_file():

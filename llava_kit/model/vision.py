@@ -38,6 +38,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from llava_kit.errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "transformers", "open_clip")
@@ -59,7 +61,7 @@ TRANSFORMERS_FAMILIES = {
 }
 
 
-class VisionTowerError(ValueError):
+class VisionTowerError(ModelLoadError):
     """A vision tower cannot be built or used as asked; the message says what to change."""
 
 

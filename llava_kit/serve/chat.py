@@ -19,6 +19,7 @@ from transformers import TextStreamer
 from llava_kit.data.encode import encode_messages
 from llava_kit.data.images import load_image, prepare_image
 from llava_kit.data.templates import IMAGE_TOKEN, render
+from llava_kit.errors import UsageError
 from llava_kit.model.generation import generate
 
 COMPLETION = "completion"  # the inference template of text-pt models (see export/merge.py)
@@ -82,7 +83,7 @@ class ChatSession:
     def set_image(self, path: str) -> None:
         """Load an image; it is attached to the next user message."""
         if self.text_only:
-            raise ValueError("this is a text-only model (no vision tower): it cannot look at images; drop --image, "
+            raise UsageError("this is a text-only model (no vision tower): it cannot look at images; drop --image, "
                              "or use it as model.llm of a pretrain run to give it eyes")
         tower = self.model.vision_tower
         image = prepare_image(load_image(path), self.settings.image_aspect, tower.image_mean)

@@ -20,12 +20,13 @@ import torch
 
 from llava_kit.data.images import ImageLoadError, load_image, prepare_image
 from llava_kit.data.templates import IMAGE_TOKEN
+from llava_kit.errors import UsageError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(.*)", re.DOTALL)
 
 
-class RequestError(ValueError):
+class RequestError(UsageError):
     """A request the server cannot answer; the message goes back to the client (HTTP 400)."""
 
     def __init__(self, message: str, param: str | None = None):

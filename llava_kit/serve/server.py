@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from llava_kit.errors import UsageError
 from llava_kit.serve.requests import RequestError, parse_chat_request
 from llava_kit.serve.worker import Job, ModelWorker
 
@@ -220,7 +221,7 @@ def start_server(session, settings: ServerSettings, host: str = "127.0.0.1", por
     try:
         server = LlavaServer((host, port), worker, settings)
     except OSError as err:
-        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port or "
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port or "
                          "--host") from None
     worker.start()
     threading.Thread(target=server.serve_forever, name="llava-kit-http", daemon=True).start()

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava_kit.config import RunConfig, load_saved_config
+from llava_kit.errors import ModelLoadError, PathNotFoundError
 from llava_kit.model.llava import LlavaModel, causal_lm_of
 from llava_kit.train.distributed import trained_names, whole_state_dict
 
@@ -124,7 +125,7 @@ def load_projector(model: LlavaModel, source_dir: str | Path, template: str | No
     source_dir = Path(source_dir)
     weights, spec_path = source_dir / PROJECTOR_WEIGHTS, source_dir / PROJECTOR_SPEC
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing; is {source_dir} a finished llava-kit run (pretrain or sft)?")
+        raise PathNotFoundError(f"{weights} is missing; is {source_dir} a finished llava-kit run (pretrain or sft)?")
     spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
     tower = model.vision_tower
     expected = {"vision_width": tower.width, "grid": list(tower.grid),
@@ -132,7 +133,7 @@ def load_projector(model: LlavaModel, source_dir: str | Path, template: str | No
     mismatches = [f"{k}: saved {spec[k]}, this model {v}" for k, v in expected.items() if k in spec and spec[k] != v]
     mismatches += provenance_mismatches(spec, model, template)
     if mismatches:
-        raise ValueError(f"the projector in {source_dir} was trained for another base; "
+        raise ModelLoadError(f"the projector in {source_dir} was trained for another base; "
                          f"{'; '.join(mismatches)}. Use the same model.vision, model.llm and template as that run, "
                          "or train a new projector (stage pretrain)")
     projector = model.multi_modal_projector
@@ -140,13 +141,13 @@ def load_projector(model: LlavaModel, source_dir: str | Path, template: str | No
     differs = [f"{k}: saved {spec[k]!r}, this model {v!r}" for k, v in built.items()
                if k in spec and v is not None and spec[k] != v]
     if differs:
-        raise ValueError(f"the projector in {source_dir} is another design ({'; '.join(differs)}); set "
+        raise ModelLoadError(f"the projector in {source_dir} is another design ({'; '.join(differs)}); set "
                          "model.projector to the saved name and options, or drop model.init_from")
     state = load_file(str(weights))
     try:
         projector.load_state_dict(state)
     except RuntimeError as err:  # e.g. weights edited by hand: say which run, not only which tensor
-        raise ValueError(f"{weights} does not fit this model's projector: {err}") from None
+        raise ModelLoadError(f"{weights} does not fit this model's projector: {err}") from None
 
 
 def save_trained_weights(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: str | Path,

@@ -28,6 +28,7 @@ from llava_kit.data.packing import PackedCollator, PackedLlavaDataset
 from llava_kit.data.sampling import ModalityLengthGroupedSampler
 from llava_kit.data.text import build_text_dataset
 from llava_kit.data.token_cache import TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
+from llava_kit.errors import ModelLoadError, PathNotFoundError
 from llava_kit.model.build import build_llava, load_llm, load_tokenizer
 from llava_kit.train.checkpoint import load_projector, save_text_run, save_trained_weights
 from llava_kit.train.plots import plot_loss
@@ -83,13 +84,13 @@ class LlavaTrainer(Trainer):
         model = model or self.model
         path = Path(resume_from_checkpoint) / "model.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; resume_from_checkpoint must be a checkpoint-N directory "
+            raise PathNotFoundError(f"{path} is missing; resume_from_checkpoint must be a checkpoint-N directory "
                                     "written by llava-kit train (or `latest`)")
         state = load_file(str(path))
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(trainable - state.keys()), sorted(state.keys() - trainable)
         if missing or unexpected:
-            raise ValueError(f"checkpoint {resume_from_checkpoint} does not match this run's trainable weights "
+            raise ModelLoadError(f"checkpoint {resume_from_checkpoint} does not match this run's trainable weights "
                              f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); resume with the same config")
         model.load_state_dict(state, strict=False)
 

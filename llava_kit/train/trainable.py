@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from llava_kit.config import LoraConfig, TrainableConfig
+from llava_kit.errors import UsageError
 from llava_kit.model.llava import LlavaModel
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def check_qlora_available() -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         missing.append("the bitsandbytes package (pip install bitsandbytes)")
     if missing:
-        raise ValueError("model.trainable.llm=qlora loads the LLM in 4 bits, which needs " + " and ".join(missing)
+        raise UsageError("model.trainable.llm=qlora loads the LLM in 4 bits, which needs " + " and ".join(missing)
                          + "; on this machine use model.trainable.llm=lora (the same adapter on an unquantised base)")
 
 
