@@ -25,7 +25,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Load a tokenizer (fast tokenizers only: labels need character offsets) and give it a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as err:  # a missing directory, a mistyped hub id, no network: the user's to fix
+        raise ModelLoadError(f"cannot load the tokenizer {name_or_path!r}: {err}; give a local model directory, a hub "
+                             "id (owner/name) or tiny:llm (model.llm.name_or_path, or model.llm.tokenizer)") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; llava-kit needs a fast "
                          "one for character offsets (install `tokenizers`, or convert it with AutoTokenizer(use_fast=True))")
