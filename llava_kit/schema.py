@@ -220,7 +220,8 @@ def describe(tp: Any, plural: bool = False) -> str:
         (item,) = typing.get_args(tp) or (Any,)
         return ("lists" if plural else "a list") + f" of {describe(item, plural=True)}"
     if origin is dict or tp is dict:
-        return "mappings" if plural else "a mapping"
+        values = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        return ("mappings" if plural else "a mapping") + (f" of {describe(values, True)}" if values is not Any else "")
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return "mappings" if plural else "a mapping"
     singular, many = _NOUNS.get(tp, (getattr(tp, "__name__", str(tp)), getattr(tp, "__name__", str(tp))))
