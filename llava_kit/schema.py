@@ -386,7 +386,7 @@ def add_arguments(parser, model: type[BaseModel], fields: typing.Iterable[str],
                           choices=_choices(item) or None)
         else:
             kwargs.update(default=default, type=_cli_type(tp), choices=(_choices(tp) or None) if len(members) == 1 else None)
-            if default not in (None, "", []):
+            if not field.is_required() and default not in (None, "", []):
                 kwargs["help"] += " (default: %(default)s)"
         if field.is_required():
             kwargs.pop("default", None)
