@@ -213,8 +213,9 @@ def describe(tp: Any, plural: bool = False) -> str:
         words = []
         for arg in args:
             item = typing.get_args(arg)[0] if typing.get_origin(arg) is list else None
-            # `X | list[X]` (e.g. report_to): "... or a list of them" instead of the choices twice
-            words.append("a list of them" if item is not None and item in args else describe(arg, plural))
+            # `Literal[...] | list[Literal[...]]` (e.g. report_to): "... or a list of them", not the choices twice
+            same = item is not None and item in args and typing.get_origin(item) is Literal
+            words.append("a list of them" if same else describe(arg, plural))
         return " or ".join(words)
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
