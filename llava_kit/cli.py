@@ -94,12 +94,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def _chat_session(args: argparse.Namespace):
     from llava_kit.export.merge import load_for_inference
+    from llava_kit.schema import parse_arguments
     from llava_kit.serve.chat import ChatSession, GenerationSettings
+    from llava_kit.serve.settings import GenerationOptions
 
+    options = parse_arguments(GenerationOptions, args)
     model, tokenizer, settings = load_for_inference(args.model)
-    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p)
-    return ChatSession(model, tokenizer, settings, generation)
+    return ChatSession(model, tokenizer, settings, GenerationSettings(**options.model_dump()))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -119,7 +120,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from llava_kit.eval import evaluate, format_report, read_eval_records
     from llava_kit.export.merge import load_for_inference
+    from llava_kit.schema import parse_arguments
+    from llava_kit.serve.settings import GenerationOptions
 
+    generation = parse_arguments(GenerationOptions, args)
     _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
     _existing(args.data, "--data", "file", "give the eval JSONL")
     _existing(args.image_root, "--image-root", "directory", "give the directory the `image` paths are relative to")
@@ -129,7 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit:
         records = records[: args.limit]
     model, tokenizer, settings = load_for_inference(args.model)
-    accuracy = evaluate(model, tokenizer, settings, records, args.image_root, args.max_new_tokens, args.predictions)
+    accuracy = evaluate(model, tokenizer, settings, records, args.image_root, generation.max_new_tokens,
+                        args.predictions)
     print(format_report(accuracy), file=args.results)
     return 0
 
@@ -219,9 +224,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when temperature > 0")
+    from llava_kit.schema import add_arguments
+    from llava_kit.serve.settings import GenerationOptions
+
+    add_arguments(p, GenerationOptions, ["max_new_tokens", "temperature", "top_p"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llava_kit.config import DATA_FORMATS
     from llava_kit.schema import add_arguments
     from llava_kit.serve.settings import CLI_FIELDS as SERVE_FIELDS
-    from llava_kit.serve.settings import ServerSettings
+    from llava_kit.serve.settings import GenerationOptions, ServerSettings
 
     parser = argparse.ArgumentParser(
         prog="llava-kit",
@@ -314,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", required=True, help="directory the `image` paths are relative to")
     p.add_argument("--limit", type=int, default=0, help="score only the first N questions (0 = all)")
     p.add_argument("--predictions", help="write every question with its prediction to this JSONL")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    add_arguments(p, GenerationOptions, ["max_new_tokens"], {"max_new_tokens": {"default": 32}})
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("projectors", help="list every projector with its visual-token and parameter count",
