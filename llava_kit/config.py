@@ -4,8 +4,8 @@
 
 Every problem is collected and raised together in one `ConfigError`; an unknown key names the
 nearest valid one. Types and choices (every enum-like key) are checked first, by the schema; the cross-field
-checks of `validate` follow on a well-typed config. The resolved config is saved into every run directory (`config.yaml`), so merge
-and chat need nothing but the directory.
+checks of `validate` follow on a well-typed config. The resolved config is saved into every run directory
+(`config.yaml`), so merge and chat need nothing but the directory.
 """
 
 from __future__ import annotations
@@ -368,7 +368,8 @@ def _missing_paths(cfg: RunConfig, data_paths: list[str]) -> list[str]:
         problems.append(f"`train.deepspeed` file {t.deepspeed!r} does not exist; shipped ones: configs/deepspeed/*.json")
     if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
         problems.append(f"`model.init_from` {cfg.model.init_from!r} is not a directory; give a previous run directory")
-    models = [("llm.name_or_path", cfg.model.llm.name_or_path, "tiny:llm"), ("llm.tokenizer", cfg.model.llm.tokenizer, "")]
+    llm = cfg.model.llm
+    models = [("llm.name_or_path", llm.name_or_path, "tiny:llm"), ("llm.tokenizer", llm.tokenizer, "")]
     if cfg.modality == "multimodal":
         models.append(("vision.name_or_path", cfg.model.vision.name_or_path, "tiny:vision"))
     for key, location, tiny in models:

@@ -32,7 +32,6 @@ from typing import Annotated, Any, Literal
 import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
 
 from llava_kit.errors import ConfigError, UsageError
 
@@ -183,11 +182,6 @@ class Schema(BaseModel):
         return _yaml_scalar(value, cls.model_fields[info.field_name].annotation)
 
 
-def problem(text: str) -> PydanticCustomError:
-    """An error for a validator to raise whose text is reported as it is (it names the key itself)."""
-    return PydanticCustomError("problem", "{text}", {"text": text})
-
-
 def did_you_mean(value: Any, candidates: typing.Iterable[Any], prefix: str = "", cutoff: float = 0.6) -> str:
     """`; did you mean `x`?` for the candidate nearest to `value`, or "" when none is near enough."""
     names = [str(c) for c in candidates]
@@ -296,9 +290,7 @@ def problems_of(err: ValidationError, model: type[BaseModel], data: Any, prefix:
     for error in err.errors():
         loc = tuple(error["loc"])
         parent, path, field, value = _locate(model, data, loc)
-        if error["type"] == "problem":
-            problems.append(error["msg"])
-        elif error["type"] == "extra_forbidden" and field is None:
+        if error["type"] == "extra_forbidden" and field is None:
             where = ".".join((prefix,) * bool(prefix) + path)
             key = ".".join((where, str(loc[-1]))) if where else str(loc[-1])
             names = list(parent.model_fields)
@@ -355,7 +347,7 @@ def validate_data(model: type[BaseModel], data: Any, source: str = "config", pre
 
 
 def _cli_type(tp: Any) -> Any:
-    """The argparse `type` of a field: its scalar type (int, float, Path, str), None for booleans and choices."""
+    """The argparse `type` of a field: int, float or Path; None (argparse's str) for strings, choices and flags."""
     members = [m for m in _members(tp) if m is not type(None)]
     for kind in (int, float, Path):
         if kind in members:
@@ -386,14 +378,16 @@ def add_arguments(parser, model: type[BaseModel], fields: typing.Iterable[str],
             kwargs.update(action="append", default=list(default or []), type=_cli_type(item),
                           choices=_choices(item) or None)
         else:
-            kwargs.update(default=default, type=_cli_type(tp), choices=(_choices(tp) or None) if len(members) == 1 else None)
+            choices = _choices(tp) if len(members) == 1 else []  # `bool | Literal["auto"]` takes more than choices
+            kwargs.update(default=default, type=_cli_type(tp), choices=choices or None)
             if not field.is_required() and default not in (None, "", []):
                 kwargs["help"] += " (default: %(default)s)"
         if field.is_required():
             kwargs.pop("default", None)
-            kwargs["required"] = None if positional else True
+            if not positional:
+                kwargs["required"] = True
         kwargs.update(extra)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: argparse's own default
         if positional:
             parser.add_argument(flags[0], **kwargs)
         else:

@@ -68,7 +68,8 @@ def test_a_duplicated_key_is_an_error_naming_it(tmp_path):
 
 def test_feature_cache_off_stays_a_string_in_yaml_and_overrides(tmp_path):
     path = tmp_path / "off.yaml"
-    path.write_text((REPO / "configs/tiny/pretrain.yaml").read_text().replace("data:\n", "data:\n  feature_cache: off\n"))
+    text = (REPO / "configs/tiny/pretrain.yaml").read_text()
+    path.write_text(text.replace("data:\n", "data:\n  feature_cache: off\n"))
     assert load_config(path, check_paths=False).data.feature_cache == "off"
     cfg = load_config(REPO / "configs/tiny/pretrain.yaml", ["data.feature_cache=off"], check_paths=False)
     assert cfg.data.feature_cache == "off"
