@@ -7,7 +7,7 @@ import pytest
 from llava_kit.config import ConfigError, load_config, load_saved_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]
-# Run configs; comparison configs (compare_*.yaml, another format) are checked in tests/unit/test_compare.py.
+# Run configs; comparison configs (compare_*.yaml, another format) are checked in tests/unit/test_compare_config.py.
 SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not p.name.startswith("compare_"))
 
 
