@@ -16,6 +16,7 @@ import os
 import sys
 
 from llava_kit.errors import LlavaKitError, UsageError
+from llava_kit.scoring import SCORERS
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -41,14 +42,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from llava_kit.export.merge import merge_run
 
-    print(merge_run(args.run_dir, args.output), file=args.results)
+    print(merge_run(args.run_dir, args.output, trust_remote_code=args.trust_remote_code), file=args.results)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from llava_kit.export.hf_llava import export_model
 
-    print(export_model(args.model_dir, args.output, args.format), file=args.results)
+    print(export_model(args.model_dir, args.output, args.format, trust_remote_code=args.trust_remote_code),
+          file=args.results)
     return 0
 
 
@@ -66,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
         max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
         allow_remote_images=args.allow_remote_images)
-    serve(args.model, settings, args.host, args.port)
+    serve(args.model, settings, args.host, args.port, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -77,20 +79,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat_session(args: argparse.Namespace):
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession, GenerationSettings
-
-    model, tokenizer, settings = load_for_inference(args.model)
-    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p)
-    return ChatSession(model, tokenizer, settings, generation)
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    from llava_kit.serve.chat import answer_once, run_repl
+    from llava_kit.inference import ChatSession, SamplingParams, answer_once
+    from llava_kit.loader import open_model_dir
+    from llava_kit.serve.chat import run_repl
 
-    session = _chat_session(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)  # checked before the model loads
+    session = ChatSession.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code), params)
     if args.prompt is not None:
         print(answer_once(session, args.image, args.prompt), file=args.results)
         return 0
@@ -100,19 +96,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from llava_kit.eval import evaluate, format_report, read_eval_records
-    from llava_kit.export.merge import load_for_inference
+    from llava_kit.inference import GenerationService
+    from llava_kit.loader import open_model_dir
+    from llava_kit.scoring import choose_scorer
 
     records = read_eval_records(args.data)
     if args.limit:
         records = records[: args.limit]
-    model, tokenizer, settings = load_for_inference(args.model)
-    accuracy = evaluate(model, tokenizer, settings, records, args.image_root, args.max_new_tokens, args.predictions)
+    choose_scorer(records, args.scorer)  # before the model loads: a mismatch fails fast
+    service = GenerationService.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code))
+    accuracy = evaluate(service, records, args.image_root, args.max_new_tokens, args.predictions,
+                        scorer=args.scorer)
     print(format_report(accuracy), file=args.results)
     return 0
 
 
 def cmd_init_tiny(args: argparse.Namespace) -> int:
-    from llava_kit.model.tiny import init_tiny
+    from llava_kit.testing.tiny import init_tiny
 
     paths = init_tiny(args.out_dir, seed=args.seed)
     print(f"vision: {paths['vision']}\nllm: {paths['llm']}", file=args.results)
@@ -197,6 +197,13 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when temperature > 0")
+    p.add_argument("--seed", type=int, help="seed of the sampling draws (same seed, same answer)")
+
+
+def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory's own Python code to run (needed by some LLMs, e.g. InternLM2; "
+                        "only for directories you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the LLM and write a directory that needs no base model paths.")
     p.add_argument("run_dir", help="a run directory written by `llava-kit train`")
     p.add_argument("-o", "--output", required=True, help="output directory of the merged model")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_merge)
 
     p = sub.add_parser("export", help="write a model in another format (hf-llava: transformers, vLLM, SGLang)",
@@ -246,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a merged model directory or a run directory")
     p.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format (default hf-llava)")
     p.add_argument("-o", "--output", required=True, help="output directory")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("import", help="convert a llava-hf or original LLaVA checkpoint into a llava-kit model dir",
@@ -265,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image file to talk about (leave out for a text model: a merged text-pt/text-sft run)")
     p.add_argument("--prompt", help="one-shot question: print only the answer and exit")
     _add_generation_options(p)
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)",
@@ -286,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(default 8)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (off by default: only data URLs are accepted)")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("eval", help="score held-out questions through the chat code path",
-                       description="Answer each question of an eval JSONL (shapes-task fields or `answer`) and "
+                       description="Answer each question of an eval JSONL (`answer`, or a task's fields) and "
                                    "print accuracy per kind, ending with `accuracy: X.XX`.")
     p.add_argument("--model", required=True, help="a merged model directory or a run directory")
     p.add_argument("--data", required=True, help="eval JSONL: {image, question, answer | kind+shape+color}")
@@ -297,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="score only the first N questions (0 = all)")
     p.add_argument("--predictions", help="write every question with its prediction to this JSONL")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    p.add_argument("--scorer", default="auto", choices=["auto", *SCORERS],
+                   help="how answers are scored: exact (`answer` field), shapes (the shapes task's fields), or auto "
+                        "(the first that fits every record; default)")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("projectors", help="list every projector with its visual-token and parameter count",

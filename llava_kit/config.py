@@ -21,9 +21,11 @@ import yaml
 
 from llava_kit.errors import ConfigError
 
-STAGES = ("pretrain", "sft", "text-pt", "text-sft")
-MULTIMODAL_STAGES = ("pretrain", "sft")
-TEXT_STAGES = ("text-pt", "text-sft")
+STAGE_MODALITY = {"pretrain": "multimodal", "sft": "multimodal", "text-pt": "text", "text-sft": "text"}
+"""Which modality each stage trains (llava_kit/modality.py holds what differs between them)."""
+STAGES = tuple(STAGE_MODALITY)
+MULTIMODAL_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "multimodal")
+TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")
 DATA_FORMATS = ("auto", "llava", "text", "alpaca", "sharegpt", "openai", "moss")
 DATASET_KEYS = ("path", "format", "weight", "split", "subset")
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from llava_kit.errors import UsageError
+from llava_kit.inference.service import GenerationService
 from llava_kit.serve.requests import RequestError, parse_chat_request
 from llava_kit.serve.worker import Job, ModelWorker
 
@@ -137,7 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         try:
-            request = parse_chat_request(body, self.server.worker.session, self.settings)
+            request = parse_chat_request(body, self.server.worker.service, self.settings)
         except RequestError as err:
             self._send_json(400, error_body(str(err), param=err.param))
             return
@@ -212,12 +213,13 @@ class LlavaServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
 
-def start_server(session, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> LlavaServer:
+def start_server(service: GenerationService, settings: ServerSettings, host: str = "127.0.0.1",
+                 port: int = 8000) -> LlavaServer:
     """Start the model worker and an HTTP server on (host, port) in background threads; returns the server.
 
     `port=0` picks a free port (`server.url` says which). Stop with `server.shutdown(); server.worker.stop()`.
     """
-    worker = ModelWorker(session, settings.max_batch_size)
+    worker = ModelWorker(service, settings.max_batch_size)
     try:
         server = LlavaServer((host, port), worker, settings)
     except OSError as err:
@@ -228,16 +230,16 @@ def start_server(session, settings: ServerSettings, host: str = "127.0.0.1", por
     return server
 
 
-def serve(model_dir: str, settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(model_dir: str, settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 8000,
+          trust_remote_code: bool = False) -> None:
     """Load `model_dir` and serve it until interrupted (the `llava-kit serve` command)."""
     from pathlib import Path
 
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession
+    from llava_kit.loader import open_model_dir
 
-    model, tokenizer, inference = load_for_inference(model_dir)
+    service = GenerationService.from_loaded(open_model_dir(model_dir, trust_remote_code=trust_remote_code))
     settings = settings or ServerSettings(model_name=Path(model_dir).resolve().name)
-    server = start_server(ChatSession(model, tokenizer, inference), settings, host, port)
+    server = start_server(service, settings, host, port)
     logger.info("serving %s as %r at %s (POST /chat/completions, GET /models)%s", model_dir, settings.model_name,
                 server.url, "; API key required" if settings.api_key else "")
     try:
