@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from llava_kit.errors import LlavaKitError, PathNotFoundError, UsageError
+from llava_kit.scoring import SCORERS
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -26,7 +27,6 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
-
 
 MODEL_DIR_HINT = "give a merged model directory (`llava-kit merge`), a run directory (`llava-kit train`) or an " \
                  "imported one (`llava-kit import`)"
@@ -57,7 +57,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from llava_kit.export.merge import merge_run
 
     _existing(args.run_dir, "RUN_DIR", "directory", "give a run directory written by `llava-kit train`")
-    print(merge_run(args.run_dir, args.output), file=args.results)
+    print(merge_run(args.run_dir, args.output, trust_remote_code=args.trust_remote_code), file=args.results)
     return 0
 
 
@@ -65,7 +65,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from llava_kit.export.hf_llava import export_model
 
     _existing(args.model_dir, "MODEL_DIR", "directory", MODEL_DIR_HINT)
-    print(export_model(args.model_dir, args.output, args.format), file=args.results)
+    print(export_model(args.model_dir, args.output, args.format, trust_remote_code=args.trust_remote_code),
+          file=args.results)
     return 0
 
 
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
     from llava_kit.serve.server import serve
 
-    serve(args.model, settings)
+    serve(args.model, settings, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -92,24 +93,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat_session(args: argparse.Namespace):
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.schema import parse_arguments
-    from llava_kit.serve.chat import ChatSession, GenerationSettings
-    from llava_kit.serve.settings import GenerationOptions
-
-    options = parse_arguments(GenerationOptions, args)
-    model, tokenizer, settings = load_for_inference(args.model)
-    return ChatSession(model, tokenizer, settings, GenerationSettings(**options.model_dump()))
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    from llava_kit.serve.chat import answer_once, run_repl
+    from llava_kit.inference import ChatSession, SamplingParams, answer_once
+    from llava_kit.loader import open_model_dir
+    from llava_kit.serve.chat import run_repl
 
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)  # checked before the model loads
     _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
     if args.image:
         _existing(args.image, "--image", "file")
-    session = _chat_session(args)
+    session = ChatSession.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code), params)
     if args.prompt is not None:
         print(answer_once(session, args.image, args.prompt), file=args.results)
         return 0
@@ -119,11 +113,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from llava_kit.eval import evaluate, format_report, read_eval_records
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.schema import parse_arguments
-    from llava_kit.serve.settings import GenerationOptions
+    from llava_kit.inference import GenerationService
+    from llava_kit.loader import open_model_dir
+    from llava_kit.scoring import choose_scorer
 
-    generation = parse_arguments(GenerationOptions, args)
     _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
     _existing(args.data, "--data", "file", "give the eval JSONL")
     _existing(args.image_root, "--image-root", "directory", "give the directory the `image` paths are relative to")
@@ -132,15 +125,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     records = read_eval_records(args.data)
     if args.limit:
         records = records[: args.limit]
-    model, tokenizer, settings = load_for_inference(args.model)
-    accuracy = evaluate(model, tokenizer, settings, records, args.image_root, generation.max_new_tokens,
-                        args.predictions)
+    choose_scorer(records, args.scorer)  # before the model loads: a mismatch fails fast
+    service = GenerationService.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code))
+    accuracy = evaluate(service, records, args.image_root, args.max_new_tokens, args.predictions,
+                        scorer=args.scorer)
     print(format_report(accuracy), file=args.results)
     return 0
 
 
 def cmd_init_tiny(args: argparse.Namespace) -> int:
-    from llava_kit.model.tiny import init_tiny
+    from llava_kit.testing.tiny import init_tiny
 
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise UsageError(f"OUT_DIR {args.out_dir!r} is a file; give a directory (new or existing) for vision/ and llm/")
@@ -224,10 +218,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    from llava_kit.schema import add_arguments
-    from llava_kit.serve.settings import GenerationOptions
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when temperature > 0")
+    p.add_argument("--seed", type=int, help="seed of the sampling draws (same seed, same answer)")
 
-    add_arguments(p, GenerationOptions, ["max_new_tokens", "temperature", "top_p"])
+
+def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory's own Python code to run (needed by some LLMs, e.g. InternLM2; "
+                        "only for directories you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llava_kit.config import DATA_FORMATS
     from llava_kit.schema import add_arguments
     from llava_kit.serve.settings import CLI_FIELDS as SERVE_FIELDS
-    from llava_kit.serve.settings import GenerationOptions, ServerSettings
+    from llava_kit.serve.settings import ServerSettings
 
     parser = argparse.ArgumentParser(
         prog="llava-kit",
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the LLM and write a directory that needs no base model paths.")
     p.add_argument("run_dir", help="a run directory written by `llava-kit train`")
     p.add_argument("-o", "--output", required=True, help="output directory of the merged model")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_merge)
 
     p = sub.add_parser("export", help="write a model in another format (hf-llava: transformers, vLLM, SGLang)",
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a merged model directory or a run directory")
     p.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format (default hf-llava)")
     p.add_argument("-o", "--output", required=True, help="output directory")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("import", help="convert a llava-hf or original LLaVA checkpoint into a llava-kit model dir",
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image file to talk about (leave out for a text model: a merged text-pt/text-sft run)")
     p.add_argument("--prompt", help="one-shot question: print only the answer and exit")
     _add_generation_options(p)
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)",
@@ -310,17 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "batched. Ctrl-C stops it.")
     p.add_argument("--model", required=True, help="a merged model directory or a run directory")
     add_arguments(p, ServerSettings, SERVE_FIELDS)
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("eval", help="score held-out questions through the chat code path",
-                       description="Answer each question of an eval JSONL (shapes-task fields or `answer`) and "
+                       description="Answer each question of an eval JSONL (`answer`, or a task's fields) and "
                                    "print accuracy per kind, ending with `accuracy: X.XX`.")
     p.add_argument("--model", required=True, help="a merged model directory or a run directory")
     p.add_argument("--data", required=True, help="eval JSONL: {image, question, answer | kind+shape+color}")
     p.add_argument("--image-root", required=True, help="directory the `image` paths are relative to")
     p.add_argument("--limit", type=int, default=0, help="score only the first N questions (0 = all)")
     p.add_argument("--predictions", help="write every question with its prediction to this JSONL")
-    add_arguments(p, GenerationOptions, ["max_new_tokens"], {"max_new_tokens": {"default": 32}})
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    p.add_argument("--scorer", default="auto", choices=["auto", *SCORERS],
+                   help="how answers are scored: exact (`answer` field), shapes (the shapes task's fields), or auto "
+                        "(the first that fits every record; default)")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("projectors", help="list every projector with its visual-token and parameter count",

@@ -234,7 +234,7 @@ def check_projectors(names: list[str], options: dict, cfg) -> None:
     from transformers import AutoConfig
 
     from llava_kit.model.projectors import build_projector
-    from llava_kit.model.tiny import resolve_model_path
+    from llava_kit.model.sources import resolve_model_path
     from llava_kit.model.vision import build_vision_tower
 
     v = cfg.model.vision
@@ -260,10 +260,10 @@ def training_memory_bytes(cfg) -> tuple[int, int, int]:
     import torch
 
     from llava_kit.data.dataset import Collator
+    from llava_kit.data.multimodal import build_dataset
     from llava_kit.model.build import build_llava
     from llava_kit.model.projectors import count_parameters
-    from llava_kit.train.engine import build_dataset
-    from llava_kit.train.trainable import apply_trainability
+    from llava_kit.model.trainable import apply_trainability
 
     model, tokenizer = build_llava(cfg.model, torch.float32)
     apply_trainability(model, cfg.model.trainable, cfg.model.lora)
@@ -298,7 +298,8 @@ def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: Eva
             runs_dir: Path) -> ProjectorResult:
     """Pretrain + sft + held-out eval of one projector; a projector without parameters skips pretraining."""
     from llava_kit.eval import evaluate
-    from llava_kit.export.merge import load_for_inference
+    from llava_kit.inference import GenerationService
+    from llava_kit.loader import open_model_dir
     from llava_kit.train.engine import train
 
     pretrain_cfg, sft_cfg = projector_run_configs(pretrain, sft, name, options, runs_dir)
@@ -312,10 +313,10 @@ def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: Eva
     sft_dir = train(sft_cfg)
     train_seconds = time.perf_counter() - start
     step_time, final_loss = _sft_metrics(sft_dir, sft_cfg.train.max_steps)
-    model, tokenizer, settings = load_for_inference(sft_dir)
+    service = GenerationService.from_loaded(open_model_dir(sft_dir))
     records = held_out_records(evaluation)
-    accuracy = evaluate(model, tokenizer, settings, records, evaluation.image_root,
-                        max_new_tokens=evaluation.max_new_tokens, predictions_path=sft_dir / "eval_predictions.jsonl")
+    accuracy = evaluate(service, records, evaluation.image_root, max_new_tokens=evaluation.max_new_tokens,
+                        predictions_path=sft_dir / "eval_predictions.jsonl")
     result = ProjectorResult(projector=name, parameters=parameters, visual_tokens=tokens,
                              step_time_ms=1000 * step_time, memory_mib=memory / 2**20, final_loss=final_loss,
                              accuracy=accuracy["all"], accuracy_by_kind={k: v for k, v in accuracy.items() if k != "all"},

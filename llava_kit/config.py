@@ -20,8 +20,8 @@ from llava_kit.errors import ConfigError
 from llava_kit.schema import Described, Schema, did_you_mean, dump_yaml, load_yaml_file, validate_data
 from llava_kit.schema import apply_overrides as apply_overrides
 
-# Which stage trains which modality: text stages have no tower and no projector. The one table to ask.
 STAGE_MODALITY = {"pretrain": "multimodal", "sft": "multimodal", "text-pt": "text", "text-sft": "text"}
+"""Which modality each stage trains, the one table to ask (llava_kit/modality.py holds what differs between them)."""
 STAGES = tuple(STAGE_MODALITY)
 MULTIMODAL_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "multimodal")
 TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")

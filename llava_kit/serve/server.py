@@ -25,6 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from llava_kit.errors import UsageError
+from llava_kit.inference.service import GenerationService
 from llava_kit.serve.requests import RequestError, parse_chat_request
 from llava_kit.serve.settings import ServerSettings
 from llava_kit.serve.worker import Job, ModelWorker
@@ -118,7 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         try:
-            request = parse_chat_request(body, self.server.worker.session, self.settings)
+            request = parse_chat_request(body, self.server.worker.service, self.settings)
         except RequestError as err:
             self._send_json(400, error_body(str(err), param=err.param))
             return
@@ -193,7 +194,8 @@ class LlavaServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
 
-def start_server(session, settings: ServerSettings, host: str | None = None, port: int | None = None) -> LlavaServer:
+def start_server(service: GenerationService, settings: ServerSettings, host: str | None = None,
+                 port: int | None = None) -> LlavaServer:
     """Start the model worker and an HTTP server in background threads; returns the server.
 
     It listens on `host` and `port`, by default the settings'; `port=0` picks a free port (`server.url` says
@@ -201,7 +203,7 @@ def start_server(session, settings: ServerSettings, host: str | None = None, por
     """
     host = settings.host if host is None else host
     port = settings.port if port is None else port
-    worker = ModelWorker(session, settings.max_batch_size)
+    worker = ModelWorker(service, settings.max_batch_size)
     try:
         server = LlavaServer((host, port), worker, settings)
     except OSError as err:
@@ -212,18 +214,17 @@ def start_server(session, settings: ServerSettings, host: str | None = None, por
     return server
 
 
-def serve(model_dir: str, settings: ServerSettings | None = None) -> None:
+def serve(model_dir: str, settings: ServerSettings | None = None, trust_remote_code: bool = False) -> None:
     """Load `model_dir` and serve it until interrupted at the settings' host and port (`llava-kit serve`)."""
     from pathlib import Path
 
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession
+    from llava_kit.loader import open_model_dir
 
-    model, tokenizer, inference = load_for_inference(model_dir)
+    service = GenerationService.from_loaded(open_model_dir(model_dir, trust_remote_code=trust_remote_code))
     settings = settings or ServerSettings()
     if not settings.model_name:
         settings = settings.model_copy(update={"model_name": Path(model_dir).resolve().name})
-    server = start_server(ChatSession(model, tokenizer, inference), settings)
+    server = start_server(service, settings)
     logger.info("serving %s as %r at %s (POST /chat/completions, GET /models)%s", model_dir, settings.model_name,
                 server.url, "; API key required" if settings.api_key else "")
     try:

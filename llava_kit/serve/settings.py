@@ -49,13 +49,3 @@ class ServerSettings(Schema):
         """`max_body_mb` in bytes."""
         return int(self.max_body_mb * 1024 * 1024)
 
-
-class GenerationOptions(Schema):
-    """How `llava-kit chat` and `llava-kit eval` generate answers (their options are these fields)."""
-
-    max_new_tokens: int = Field(256, ge=1)
-    """longest answer in tokens"""
-    temperature: float = Field(0.0, ge=0)
-    """sampling temperature; 0 = greedy"""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """nucleus sampling threshold when temperature > 0"""

@@ -43,7 +43,7 @@ MESSAGES = {
     "serve-port": "--port 99999: must be from 1 to 65535",
     "serve-max-images": "--max-images 0: must be at least 1",
     "serve-missing-model": "--model '/nonexistent' does not exist",
-    "chat-bad-numbers": "--max-new-tokens 0: must be at least 1; --top-p 2.0: must be a positive number and at most 1",
+    "chat-bad-numbers": "max_tokens must be an integer >= 1, got 0",
     "eval-missing-model": "--model 'X' does not exist",
     "eval-bad-limit": "--limit -1: must be at least 0",
     "merge-missing-run": "RUN_DIR '/nonexistent' does not exist",
@@ -73,11 +73,11 @@ def test_eval_names_a_missing_data_file(tiny_dirs, capsys):
     assert "--data '/nonexistent.jsonl' does not exist" in capsys.readouterr().err
 
 
-def test_a_tokenizer_that_cannot_be_loaded_is_a_model_load_error():
-    from llava_kit.errors import ModelLoadError
+def test_a_tokenizer_that_cannot_be_loaded_is_a_user_error():
+    from llava_kit.errors import LlavaKitError
     from llava_kit.model.build import load_tokenizer
 
-    with pytest.raises(ModelLoadError, match="cannot load the tokenizer '/nonexistent/llm'"):
+    with pytest.raises(LlavaKitError, match="'/nonexistent/llm' does not exist"):
         load_tokenizer("/nonexistent/llm")
 
 
