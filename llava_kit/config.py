@@ -34,6 +34,9 @@ DATA_FORMATS = ("auto", "text", *CONVERSATION_FORMATS)
 STAGE_FORMATS = {"pretrain": ("auto", "llava"), "sft": ("auto", "llava"), "text-pt": ("auto", "text"),
                  "text-sft": ("auto", *CONVERSATION_FORMATS)}
 DATASET_KEYS = ("path", "format", "weight", "split", "subset")
+# Chat template names (llava_kit/data/templates.py renders them); here so that config checks them without importing
+# the data layer.
+TEMPLATE_NAMES = ("plain", "vicuna_v1", "chatml", "tokenizer")
 
 # transformers' names, written out so a typo fails here and not deep inside the Trainer; tests/unit/test_config.py
 # checks them against the installed transformers (SchedulerType, the reporting integrations, attention kernels).
@@ -140,7 +143,7 @@ class DataConfig(Schema):
     """Directory the `image` paths are relative to."""
     template: str = "plain"
     """`plain` (pretraining), `vicuna_v1`, `chatml`, or `tokenizer` (the tokenizer's own chat template); checked
-    against llava_kit.data.templates.TEMPLATE_NAMES with the other cross-field checks."""
+    against TEMPLATE_NAMES with the other cross-field checks."""
     system_prompt: str | None = None
     """System prompt for chat templates; None uses the template's default."""
     image_aspect: Literal["pad", "resize"] = "pad"
@@ -259,8 +262,6 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     problems += _data_problems(cfg, paths)
     if multimodal and not cfg.data.image_root:
         problems.append("`data.image_root` is empty; set the directory the records' `image` paths are relative to")
-    from llava_kit.data.templates import TEMPLATE_NAMES  # local import: templates imports nothing heavy
-
     if cfg.data.template not in TEMPLATE_NAMES:
         hint = did_you_mean(cfg.data.template, TEMPLATE_NAMES)
         problems.append(f"`data.template` is {cfg.data.template!r}{hint} (valid: {', '.join(TEMPLATE_NAMES)})")
