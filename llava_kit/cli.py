@@ -14,8 +14,9 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
-from llava_kit.errors import LlavaKitError, UsageError
+from llava_kit.errors import LlavaKitError, PathNotFoundError, UsageError
 from llava_kit.scoring import SCORERS
 
 
@@ -26,6 +27,19 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
+
+MODEL_DIR_HINT = "give a merged model directory (`llava-kit merge`), a run directory (`llava-kit train`) or an " \
+                 "imported one (`llava-kit import`)"
+
+
+def _existing(path: str, what: str, kind: str = "path", hint: str = "") -> str:
+    """`path` when it exists (as a file or directory when `kind` says so); PathNotFoundError naming it otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise PathNotFoundError(f"{what} {path!r} does not exist" + (f"; {hint}" if hint else ""))
+    if (kind == "directory" and not p.is_dir()) or (kind == "file" and not p.is_file()):
+        raise PathNotFoundError(f"{what} {path!r} is not a {kind}" + (f"; {hint}" if hint else ""))
+    return path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -42,6 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from llava_kit.export.merge import merge_run
 
+    _existing(args.run_dir, "RUN_DIR", "directory", "give a run directory written by `llava-kit train`")
     print(merge_run(args.run_dir, args.output, trust_remote_code=args.trust_remote_code), file=args.results)
     return 0
 
@@ -49,32 +64,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from llava_kit.export.hf_llava import export_model
 
+    _existing(args.model_dir, "MODEL_DIR", "directory", MODEL_DIR_HINT)
     print(export_model(args.model_dir, args.output, args.format, trust_remote_code=args.trust_remote_code),
           file=args.results)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from llava_kit.schema import parse_arguments
+    from llava_kit.serve.settings import ServerSettings
 
-    from llava_kit.serve.server import ServerSettings, serve
+    settings = parse_arguments(ServerSettings, args, api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY"),
+                               model_name=args.model_name or Path(args.model).resolve().name)
+    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    from llava_kit.serve.server import serve
 
-    for name in ("max_body_mb", "max_new_tokens", "max_batch_size", "max_images"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    settings = ServerSettings(
-        model_name=args.model_name or Path(args.model).resolve().name,
-        api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY") or None,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
-        max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
-        allow_remote_images=args.allow_remote_images)
-    serve(args.model, settings, args.host, args.port, trust_remote_code=args.trust_remote_code)
+    serve(args.model, settings, trust_remote_code=args.trust_remote_code)
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from llava_kit.export.import_llava import import_checkpoint
 
+    _existing(args.checkpoint, "CHECKPOINT", "directory", "give a llava-hf or original LLaVA checkpoint directory")
+    if args.vision:
+        _existing(args.vision, "--vision", "directory", "give a local copy of the checkpoint's mm_vision_tower")
     print(import_checkpoint(args.checkpoint, args.output, args.vision), file=args.results)
     return 0
 
@@ -86,6 +100,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)  # checked before the model loads
+    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    if args.image:
+        _existing(args.image, "--image", "file")
     session = ChatSession.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code), params)
     if args.prompt is not None:
         print(answer_once(session, args.image, args.prompt), file=args.results)
@@ -100,6 +117,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llava_kit.loader import open_model_dir
     from llava_kit.scoring import choose_scorer
 
+    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    _existing(args.data, "--data", "file", "give the eval JSONL")
+    _existing(args.image_root, "--image-root", "directory", "give the directory the `image` paths are relative to")
+    if args.limit < 0:
+        raise UsageError(f"--limit {args.limit}: must be at least 0 (0 scores every question)")
     records = read_eval_records(args.data)
     if args.limit:
         records = records[: args.limit]
@@ -114,6 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_init_tiny(args: argparse.Namespace) -> int:
     from llava_kit.testing.tiny import init_tiny
 
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UsageError(f"OUT_DIR {args.out_dir!r} is a file; give a directory (new or existing) for vision/ and llm/")
     paths = init_tiny(args.out_dir, seed=args.seed)
     print(f"vision: {paths['vision']}\nllm: {paths['llm']}", file=args.results)
     return 0
@@ -127,7 +151,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         from llava_kit.config import load_config
 
         cfg = load_config(args.config, ["output_dir=unused"])  # a check writes nothing; any output_dir will do
-    if (cfg is not None and cfg.stage in ("text-pt", "text-sft")) or args.format not in (None, "llava"):
+    if (cfg is not None and cfg.modality == "text") or args.format not in (None, "llava"):
         return _data_check_text(args, cfg, args.format or cfg.data.format)
     if not args.image_root:
         raise UsageError("--image-root is required for LLaVA data (give --format for text data)")
@@ -208,6 +232,11 @@ def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand (cheap: no torch import)."""
+    from llava_kit.config import DATA_FORMATS
+    from llava_kit.schema import add_arguments
+    from llava_kit.serve.settings import CLI_FIELDS as SERVE_FIELDS
+    from llava_kit.serve.settings import ServerSettings
+
     parser = argparse.ArgumentParser(
         prog="llava-kit",
         description="Build LLaVA-style vision-language models: caption data, pretrain a projector, "
@@ -283,19 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "answers equal `llava-kit chat --prompt`. Concurrent requests are queued and "
                                    "batched. Ctrl-C stops it.")
     p.add_argument("--model", required=True, help="a merged model directory or a run directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                       "only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LLAVA_KIT_API_KEY; "
-                                     "unset = no key)")
-    p.add_argument("--model-name", help="the model id /v1/models lists (default: the directory's name)")
-    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
-    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="default and ceiling of max_tokens (default 512)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="most queued requests generated together "
-                                                                  "(default 8)")
-    p.add_argument("--allow-remote-images", action="store_true",
-                   help="fetch http(s) image URLs (off by default: only data URLs are accepted)")
+    add_arguments(p, ServerSettings, SERVE_FIELDS)
     _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_serve)
 
@@ -340,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "over-long samples and fully masked labels. Exit code 1 when any is bad.")
     c.add_argument("data", nargs="+", help="LLaVA JSON or JSONL file(s), or text data with --format")
     c.add_argument("--image-root", help="directory the `image` paths are relative to (LLaVA data)")
-    c.add_argument("--format", choices=["llava", "text", "alpaca", "sharegpt", "openai", "moss", "auto"],
+    c.add_argument("--format", choices=DATA_FORMATS,
                    help="text data: `text` (text-pt), a conversation format or `auto` (text-sft); "
                         "default: llava, or the format of a text-stage --config")
     c.add_argument("--config", help="a training config: also check lengths and labels with its tokenizer/template")
@@ -382,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     except LlavaKitError as err:  # anything else is a bug: its traceback shows (exit 1)
         if os.environ.get("LLAVA_KIT_DEBUG"):
             raise
-        print(f"llava-kit {args.command}: error: {err}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"llava-kit {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -39,7 +39,7 @@ def caption_fresh_shapes(model_dir: Path, workdir: Path, n: int = 48, seed: int 
     prompt = workdir / "prompt.txt"
     prompt.write_text("Describe the image.")
     model, tokenizer, settings = open_for_chat(model_dir)
-    server = start_server(GenerationService(model, tokenizer, settings), ServerSettings("shapes", api_key=KEY), port=0)
+    server = start_server(GenerationService(model, tokenizer, settings), ServerSettings(model_name="shapes", api_key=KEY), port=0)
     out = workdir / "captions.jsonl"
     try:
         os.environ["OPENAI_API_KEY"] = KEY
@@ -95,7 +95,7 @@ def test_served_demo_model_answers_like_chat_concurrently_and_streamed(demo_mode
     images = sorted((demo_model.parent / "data" / "images" / "eval").glob("*.png"))[:30]
     jobs = [(image, questions[i % 3]) for i, image in enumerate(images)]
     expected = [answer_once(session, str(image), question) for image, question in jobs]
-    server = start_server(GenerationService(model, tokenizer, settings), ServerSettings("shapes"), port=0)
+    server = start_server(GenerationService(model, tokenizer, settings), ServerSettings(model_name="shapes"), port=0)
     client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
 
     def ask(image, question, **kwargs):

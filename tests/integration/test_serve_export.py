@@ -44,7 +44,7 @@ def server(merged):
 
     model, tokenizer, settings = open_for_chat(merged)
     server = start_server(GenerationService(model, tokenizer, settings),
-                          ServerSettings(model_name="shapes", api_key=KEY, max_body_bytes=300_000), port=0)
+                          ServerSettings(model_name="shapes", api_key=KEY, max_body_mb=0.3), port=0)
     yield server
     server.shutdown()
     server.worker.stop()
