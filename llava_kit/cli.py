@@ -199,7 +199,7 @@ def cmd_projectors(args: argparse.Namespace) -> int:
 
 def cmd_compare_projectors(args: argparse.Namespace) -> int:
     from llava_kit.compare import compare_projectors
-    from llava_kit.compare_report import format_results
+    from llava_kit.compare.report import format_results
 
     names = [n.strip() for n in args.projectors.split(",") if n.strip()] if args.projectors else None
     results, report = compare_projectors(args.config, names, args.report)

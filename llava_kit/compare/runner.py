@@ -8,7 +8,7 @@ shapes, pretrain, sft, eval. Everything is checked when it is loaded, the two st
 cross-field checks run once each projector's config is complete), with every problem reported together.
 
 Per projector it writes OUTPUT_DIR/runs/NAME/{pretrain,sft} and measures: parameters, visual tokens, sft step time,
-training memory, final sft loss and held-out accuracy. `llava_kit.compare_report` writes the table (markdown and
+training memory, final sft loss and held-out accuracy. `llava_kit.compare.report` writes the table (markdown and
 CSV) and the plot (PNG) at the report path.
 """
 
@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
+from llava_kit.compare.results import ProjectorResult
 from llava_kit.errors import ConfigError, PathNotFoundError, UsageError
 from llava_kit.schema import Schema, check_data, deep_merge, did_you_mean, load_yaml_file
 
@@ -31,26 +32,6 @@ logger = logging.getLogger(__name__)
 # Every design of the registry, one member of the mlp family: what `llava-kit projectors` lists.
 LISTED_PROJECTORS = ("linear", "mlp2x_gelu", "identity", "pooler", "avgpool", "pixel_shuffle", "patch_merger", "ldp",
                      "ldpv2", "c_abstractor", "resampler", "perceiver", "tokenpacker", "qformer")
-SHAPES_CHANCE = (1 / 4 + 1 / 6 + 1 / 24) / 3  # shape, colour, describe (names both): mean chance over the three
-
-
-@dataclass
-class ProjectorResult:
-    """One row of the comparison."""
-
-    projector: str
-    parameters: int
-    visual_tokens: int
-    step_time_ms: float
-    """Mean wall time per sft optimizer step (data loading included)."""
-    memory_mib: float
-    """Training memory of one sft micro-batch: weights + gradients + AdamW states + activations saved for backward."""
-    final_loss: float
-    """The last logged sft training loss."""
-    accuracy: float
-    """Held-out accuracy, all questions."""
-    accuracy_by_kind: dict[str, float] = field(default_factory=dict)
-    train_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- listing
@@ -353,7 +334,7 @@ def compare_projectors(config_path: str | Path, projectors: list[str] | None = N
     report = Path(report) if report else output_dir / "comparison.md"
     recipe = {"pretrain": stage_summary(pretrain), "sft": stage_summary(sft),
               "eval": len(held_out_records(evaluation))}
-    from llava_kit.compare_report import write_report
+    from llava_kit.compare.report import write_report
 
     write_report(results, report, config_path, prepared is not None, machine, recipe)
     return results, report
