@@ -82,8 +82,18 @@ def pad_to_square(img: Image.Image, background: tuple[int, int, int]) -> Image.I
     return canvas
 
 
+def pad_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The padding colour of a tower whose normalisation mean is `mean` (0..1 per channel).
+
+    `int()`, not `round()`: LLaVA's `expand2square(img, tuple(int(x * 255) for x in image_mean))` and transformers'
+    LlavaImageProcessor both truncate, so CLIP's mean gives (122, 116, 104). Rounding would give (123, 117, 104), and
+    the exported processor would then see other pixels than training did.
+    """
+    return tuple(int(c * 255) for c in mean)
+
+
 def prepare_image(img: Image.Image, image_aspect: str, mean: tuple[float, float, float]) -> Image.Image:
     """Apply the aspect policy: `pad` to a square of the tower's mean colour, or leave for `resize`."""
     if image_aspect == "pad":
-        return pad_to_square(img, tuple(int(round(c * 255)) for c in mean))
+        return pad_to_square(img, pad_colour(mean))
     return img
