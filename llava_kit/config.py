@@ -31,6 +31,7 @@ TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")
 # is raw text for text-pt; `auto` detects each file's format from its records' keys).
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "openai", "moss", "llava")
 IMAGE_FORMATS = ("llava", "sharegpt", "openai", "alpaca")
+WRITABLE_FORMATS = ("llava", "sharegpt", "openai")  # what `llava-kit data convert --to` writes
 DATA_FORMATS = ("auto", "text", *CONVERSATION_FORMATS)
 # The one rule of which stage reads which formats: raw text for text-pt, any conversation for text-sft (records with
 # images are refused there), conversations that may carry images for the multimodal stages.
