@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_kit.data.readers import read_data
 from llava_kit.data.images import ImageLoadError, load_image, pad_to_square, resolve_image_path
+from llava_kit.data.readers import read_data
 
 
 def read_llava(paths):

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from llava_kit.data.encode import IGNORE_INDEX, encode_messages
-from llava_kit.data.templates import CHATML_SYSTEM
 from llava_kit.data.readers import detect_format, read_record, read_records
+from llava_kit.data.templates import CHATML_SYSTEM
 
 
 def record_to_text_sample(record, source, fmt):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava_kit.data.readers.sample import tool_call
+from llava_kit.data.readers.sample import parse_json, tool_call
 from llava_kit.data.templates import IMAGE_TOKEN
 from llava_kit.errors import RecordError
 
@@ -82,7 +82,7 @@ class Turns:
             raise RecordError(f"turn {number} has unknown role {name!r} (expected {expected}){hint}",
                               kind=f"unknown role {name!r}")
         if role == "call":  # ShareGPT: the value is the call's JSON ({"name", "arguments"}, or a list of them)
-            calls = turn.get(text_key)
+            calls = parse_json(turn.get(text_key), f"turn {number}: the function_call", "tool call not valid JSON")
             calls = calls if isinstance(calls, list) else [calls]
             return {"role": "assistant", "content": "",
                     "tool_calls": [tool_call(c, f"turn {number}") for c in calls]}
