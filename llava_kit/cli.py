@@ -447,7 +447,11 @@ def _run_caption(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the chosen subcommand; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "data_command", None) == "check" and not any(e.startswith("-") for e in extra):
+        args.data += extra  # `data check FILE --config CFG key=value`: files and overrides after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2

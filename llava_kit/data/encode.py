@@ -124,7 +124,7 @@ def encode_messages(messages: list[dict], tokenizer, template: str, image_token_
     truncated = max_seq_len is not None and len(ids) > max_seq_len
     if truncated:
         ids, labels = _truncate(ids, labels, image_token_id, max_seq_len)
-        n_images = ids.count(image_token_id) // tokens_per_image
+        n_images = ids.count(image_token_id) // tokens_per_image if tokens_per_image else 0
     if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
         why = "truncated away by max_seq_len" if truncated else "the answers are empty or the template matched none"
         raise EncodeError(f"no supervised tokens left ({why})", kind="no supervised tokens left")
