@@ -66,7 +66,7 @@ def test_data_check_prints_percentiles_and_whether_training_would_stop(tiny_toke
     out = capsys.readouterr().out
     assert "tokens per record: p50 " in out and "15.0% fit data.max_seq_len 64 (data.overlong: skip)" in out
     assert "training would stop: data: only 3 of 20 usable records" in out and "keeps 100.0%" in out and out.endswith("valid: 3 invalid: 17\n")
-    assert main(["data", "check", path, "--config", config, "data.max_seq_len=1024"]) == 0  # FILE, not lumen.jsonl
+    assert main(["data", "check", path, "--config", config, "data.max_seq_len=1024", "data.format=auto"]) == 0
     assert capsys.readouterr().out.endswith("valid: 20 invalid: 0\n")
 
 
