@@ -69,9 +69,9 @@ def build_dataset(cfg: RunConfig, model, tokenizer) -> LlavaDataset:
         dataset = LlavaDataset.from_encoded(encoded, **image_settings)
     else:
         dataset = encode()
+    check_lengths(dataset.report, cfg.data.min_kept_fraction)  # first: its message says how to fit them
     if not dataset.examples:
         raise no_usable_records(dataset.report)
-    check_lengths(dataset.report, cfg.data.min_kept_fraction)
     return dataset
 
 
