@@ -63,7 +63,14 @@ def iter_records(spec: DatasetSpec):
     if path.is_file() or split_entry(spec.path):
         for file in data_source(spec.path).files:
             if file.suffix == ".txt":
-                for i, block in enumerate(file.read_text(encoding="utf-8").split("\n\n")):
+                blocks = file.read_text(encoding="utf-8").split("\n\n")
+                lines = blocks[0].count("\n") + 1
+                if len(blocks) == 1 and lines > 1:
+                    logger.warning("%s has no blank line, so it is one document of %d lines; llava-kit separates "
+                                   "documents by a blank line (a file of one document per line, as LLaMA-Factory "
+                                   "reads .txt, needs one between them, or a JSONL of {\"text\"} records)", file,
+                                   lines)
+                for i, block in enumerate(blocks):
                     if block.strip():
                         yield f"{file.name}#{i + 1}", {"text": block.strip()}, None
             else:

@@ -309,3 +309,15 @@ def test_a_multimodal_openai_record_masks_token_by_token(tiny_tokenizer):
         ("<|im_start|>user\n<image><image>\nShape?<|im_end|>\n<|im_start|>assistant\n", False),
         ("A star.<|im_end|>", True),
         ("\n<|im_start|>user\nColour?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n", False)]  # weight 0
+
+
+def test_openai_vision_examples_with_the_question_and_image_in_two_user_messages():
+    """OpenAI's vision fine-tuning guide sends the question and the image as consecutive user messages."""
+    record = {"messages": [{"role": "system", "content": "You identify cheeses."},
+                           {"role": "user", "content": "What is this cheese?"},
+                           {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "danbo.jpg"}}]},
+                           {"role": "assistant", "content": "Danbo"}]}
+    sample, _ = read(record)
+    assert sample.images == ["danbo.jpg"]
+    assert [m["role"] for m in sample.messages] == ["system", "user", "assistant"]
+    assert sample.messages[1]["content"] == "What is this cheese?\n<image>"

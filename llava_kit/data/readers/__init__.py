@@ -170,6 +170,11 @@ def read_record(record, source: str, fmt: str = "auto", stage: str | None = None
         raise RecordError(f"the record looks like {name}, which stage {stage} does not read (it reads {readers})",
                           kind=f"{name} not read by stage {stage}")
     text_only = stage is not None and STAGE_MODALITY[stage] == "text"
+    image_keys = ("image", "images", (columns or {}).get("images"))
+    if text_only and isinstance(record, dict) and any(k and record.get(k) for k in image_keys):
+        # whatever the format: an image a text stage would drop is a refused record, not a silent text-only one
+        raise RecordError("the record has images; text stages train on text only (use stage sft for images)",
+                          kind="images in a text stage")
     sample = READERS[name].read(record, columns or {}, tags, text_only)
     sample.messages = check_sample(sample.messages, sample.images)
     rid = record.get("id") if isinstance(record, dict) else None

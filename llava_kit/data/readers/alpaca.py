@@ -49,7 +49,7 @@ def read_alpaca(record: dict, columns: dict, tags: Tags | None, text_only: bool)
     parser = Turns(tags, text_only)
     for i, m in enumerate(messages):
         parser.content(m["content"], "content", i + 1, m["role"])  # counts the `<image>` tags, refuses video tags
-    images_key = columns.get("images") or "images"
+    images_key = columns.get("images") or ("images" if "images" in record else "image")  # LLaVA's Q&A files: `image`
     images = parser.images(record.get(images_key), images_key)
     tools_key = columns.get("tools") or "tools"
     return Sample(None, images, messages, tools=tool_schemas(record.get(tools_key), tools_key))

@@ -12,7 +12,8 @@
 Also read: string content with `<image>` tags and a top-level `images` list (LLaMA-Factory's mllm_demo),
 `{"type": "image"}` placeholder parts filled from `images` (transformers, TRL), `{"type": "text", "value"}` parts
 (LLaMA-Factory's v1), `<IMG_CONTEXT>` markers (xtuner), a line that is a bare list of messages (xtuner), the legacy
-`functions` / `function_call` / role `function`, and `weight` 0 on an answer (not trained on).
+`functions` / `function_call` / role `function`, `weight` 0 on an answer (not trained on), and consecutive user
+messages (OpenAI's vision fine-tuning examples send the question and the image apart), which become one.
 """
 
 from __future__ import annotations
@@ -42,11 +43,23 @@ def read_openai(record, columns: dict, tags: Tags | None, text_only: bool) -> Sa
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"missing or empty `{messages_key}` list", kind="missing or empty list of turns")
     parser = Turns(tags, text_only)
-    messages = parser.messages(turns)
+    messages = merge_user_turns(parser.messages(turns))
     images_key = columns.get("images") or "images"
     images = parser.images(record.get(images_key), images_key)
     tools_key = columns.get("tools") or ("tools" if "tools" in record else "functions")
     return Sample(None, images, messages, tools=tool_schemas(record.get(tools_key), tools_key))
+
+
+def merge_user_turns(messages: list[dict]) -> list[dict]:
+    """Consecutive user messages become one (their texts joined by a newline): OpenAI's vision fine-tuning examples
+    send the question and the image as two user messages in a row."""
+    merged = []
+    for m in messages:
+        if merged and m["role"] == "user" and merged[-1]["role"] == "user":
+            merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n" + m["content"]}
+        else:
+            merged.append(m)
+    return merged
 
 
 def _parts(content: str, images: list[str]) -> str | list[dict]:

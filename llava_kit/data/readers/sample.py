@@ -72,7 +72,8 @@ def check_sample(messages: list[dict], images: list[str]) -> list[dict]:
                               kind="`<image>` outside a user turn")
     tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if tags != len(images):
-        raise RecordError(f"{tags} `<image>` tag(s) in the text but {len(images)} image(s) in the record",
+        hint = "; write `<image>` in the user text where each image belongs" if not tags else ""
+        raise RecordError(f"{tags} `<image>` tag(s) in the text but {len(images)} image(s) in the record{hint}",
                           kind="`<image>` tags do not match the images")
     return messages
 
