@@ -241,3 +241,17 @@ def test_real_non_square_photos_get_the_same_pixels_and_logits(tiny_dirs, tmp_pa
         generate = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
         answer = hf.generate(**inputs, **generate)[:, input_ids.shape[1]:]
         assert model.generate(input_ids, pixel_values=pixels, **generate).tolist() == answer.tolist(), path.name
+
+
+def test_exported_chatml_template_renders_tool_calls_like_llava_kit(tiny_tokenizer):
+    """A model trained on tool calls (chatml) gets the same prompt from its exported processor's template."""
+    from llava_kit.data.jinja_templates import jinja_template
+    from tests.unit.test_tool_calls import sample
+
+    s = sample()
+    for system_prompt in (None, "Be brief."):
+        jinja = jinja_template("chatml", tiny_tokenizer, system_prompt, {"template": "chatml"})
+        for messages, generate in ((s.messages[1:], False), (s.messages[1:4], True)):
+            got = tiny_tokenizer.apply_chat_template(messages, tools=s.tools, chat_template=jinja, tokenize=False,
+                                                     add_generation_prompt=generate)
+            assert got == render(messages, tiny_tokenizer, "chatml", system_prompt, generate, tools=s.tools).text
