@@ -391,7 +391,10 @@ def data_file_exists(path: str) -> bool:
 def _missing_paths(cfg: RunConfig, data_paths: list[str]) -> list[str]:
     problems = []
     for p in data_paths:
-        if p and not data_file_exists(p) and not (cfg.modality == "text" and looks_like_hub_name(p)):
+        if p and (Path(p) / "dataset_info.json").is_file() and "#" not in p:
+            problems.append(f"`data.path` {p!r} is a LLaMA-Factory dataset folder; name an entry: "
+                            f"{p.rstrip('/')}/dataset_info.json#NAME")
+        elif p and not data_file_exists(p) and not (cfg.modality == "text" and looks_like_hub_name(p)):
             problems.append(f"`data.path` file {p!r} does not exist")
     if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
         problems.append(f"`data.image_root` {cfg.data.image_root!r} is not a directory")
