@@ -321,3 +321,16 @@ def test_openai_vision_examples_with_the_question_and_image_in_two_user_messages
     assert sample.images == ["danbo.jpg"]
     assert [m["role"] for m in sample.messages] == ["system", "user", "assistant"]
     assert sample.messages[1]["content"] == "What is this cheese?\n<image>"
+
+
+def test_a_config_pointing_at_a_llama_factory_folder_names_the_fix(tmp_path):
+    from llava_kit.config import config_from_dict
+
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.json"}}))
+    (tmp_path / "mine.json").write_text("[]")
+    data = {"stage": "text-sft", "output_dir": str(tmp_path / "run"), "model": {"llm": {"name_or_path": "tiny:llm"}},
+            "data": {"path": str(tmp_path), "template": "chatml"}}
+    with pytest.raises(ValueError, match=r"is a LLaMA-Factory dataset folder; name an entry: .*dataset_info.json#NAME"):
+        config_from_dict(data)
+    data["data"]["path"] = f"{tmp_path}/dataset_info.json#mine"
+    assert config_from_dict(data).data.path.endswith("#mine")
