@@ -51,8 +51,9 @@ class Rendered:
 def check_roles(messages: list[dict]) -> None:
     """The order every template expects: an optional first system message, then a user turn; each user turn is
     answered by the assistant; an assistant message with `tool_calls` is followed by the tools' results (role
-    `tool`), then the assistant goes on. Raises TemplateError naming the turn."""
-    chat = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    `tool`), then the assistant goes on. System messages are not part of the order (the templates take the first
+    one; training data refuses any other, llava_kit/data/readers/sample.py). Raises TemplateError naming the turn."""
+    chat = [m for m in messages if m["role"] != "system"]
     previous = None
     for i, m in enumerate(chat):
         role = m["role"]
@@ -67,9 +68,7 @@ def check_roles(messages: list[dict]) -> None:
         else:
             allowed = ("user",)
         if role not in allowed:
-            if role == "system":
-                why = "a system message can only come first"
-            elif role == "tool":
+            if role == "tool":
                 why = "a tool result must follow the assistant's tool call (or another result)"
             else:
                 why = f"{' or '.join(repr(a) for a in allowed)} was expected"

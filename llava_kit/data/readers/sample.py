@@ -61,6 +61,9 @@ def check_sample(messages: list[dict], images: list[str]) -> list[dict]:
         messages = messages[1:]
     if not any(m["role"] != "system" for m in messages):
         raise RecordError("no user/assistant turns", kind="no user/assistant turns")
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise RecordError("bad roles: a system message after the first turn (templates render only a first one)",
+                          kind="bad roles")
     check_roles(messages)
     if messages[-1]["role"] != "assistant":
         raise RecordError("bad roles: the conversation does not end with an answer", kind="bad roles")
