@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 from llava_kit.config import STAGE_FORMATS, STAGE_MODALITY
 from llava_kit.data.readers.alpaca import looks_like_alpaca, read_alpaca
-from llava_kit.data.readers.chat import Tags
+from llava_kit.data.readers.chat import Tags, refuse_video
 from llava_kit.data.readers.dataset_info import DataSource, data_source
 from llava_kit.data.readers.files import RecordLine, iter_file_records
 from llava_kit.data.readers.moss import looks_like_moss, read_moss
@@ -151,6 +151,7 @@ def read_record(record, source: str, fmt: str = "auto", stage: str | None = None
     if not isinstance(record, dict | list):
         raise RecordError(f"record is a {type(record).__name__}, not an object", kind="record not an object")
     refuse_unsupervised(record)
+    refuse_video(record, columns or {})
     if fmt == "auto":
         name = detect_format(record)
     else:

@@ -9,7 +9,7 @@ response, history, system, images, tools).
 
 from __future__ import annotations
 
-from llava_kit.data.readers.chat import Tags, Turns, refuse_video
+from llava_kit.data.readers.chat import Tags, Turns
 from llava_kit.data.readers.sample import Sample, tool_schemas
 from llava_kit.errors import RecordError
 
@@ -29,7 +29,6 @@ def _string(record: dict, key: str, required: bool = True) -> str:
 
 def read_alpaca(record: dict, columns: dict, tags: Tags | None, text_only: bool) -> Sample:
     """Alpaca instruction/input/output (+ system, history, images) -> Sample."""
-    refuse_video(record, tuple(columns.get(k) or k for k in ("videos", "audios")) + ("video", "audio"))
     instruction = _string(record, columns.get("prompt") or "instruction")
     extra = _string(record, columns.get("query") or "input", required=False)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction

@@ -40,9 +40,11 @@ class Tags:
     """Role name -> canonical role (`call` for function_tag)."""
 
 
-def refuse_video(record: dict, keys: tuple[str, ...] = ("videos", "video", "audios", "audio")) -> None:
+def refuse_video(record, columns: dict) -> None:
     """Video and audio records are refused with a clear reason until llava-kit supports them."""
-    for key in keys:
+    if not isinstance(record, dict):
+        return
+    for key in (columns.get("videos") or "videos", "video", columns.get("audios") or "audios", "audio"):
         if record.get(key) and "video" in key:
             raise RecordError(f"the record has video (`{key}`); {VIDEO_FIX}", kind="video not supported")
         if record.get(key):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 
-from llava_kit.data.readers.chat import Tags, Turns, refuse_video
+from llava_kit.data.readers.chat import Tags, Turns
 from llava_kit.data.readers.sample import Sample, tool_schemas
 from llava_kit.data.templates import IMAGE_TOKEN
 from llava_kit.errors import RecordError
@@ -38,7 +38,6 @@ def read_openai(record, columns: dict, tags: Tags | None, text_only: bool) -> Sa
     if isinstance(record, list):
         record = {"messages": record}
     messages_key = columns.get("messages") or "messages"
-    refuse_video(record, tuple(columns.get(k) or k for k in ("videos", "audios")) + ("video", "audio"))
     turns = record.get(messages_key)
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"missing or empty `{messages_key}` list", kind="missing or empty list of turns")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from llava_kit.data.readers.chat import Tags, Turns, refuse_video
+from llava_kit.data.readers.chat import Tags, Turns
 from llava_kit.data.readers.sample import Sample, tool_schemas
 from llava_kit.errors import RecordError
 
@@ -30,7 +30,6 @@ def looks_like_llava(record) -> bool:
 def read_sharegpt(record: dict, columns: dict, tags: Tags | None, text_only: bool) -> Sample:
     """A ShareGPT or LLaVA record -> Sample (unchecked; the registry checks every sample the same way)."""
     messages_key = columns.get("messages") or ("conversations" if "conversations" in record else "messages")
-    refuse_video(record, tuple(columns.get(k) or k for k in ("videos", "audios")) + ("video", "audio"))
     turns = record.get(messages_key)
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"missing or empty `{messages_key}` list", kind="missing or empty list of turns")
