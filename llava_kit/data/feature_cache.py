@@ -39,7 +39,7 @@ from llava_kit.data.images import load_image, prepare_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pad colour int(mean * 255) like LLaVA and transformers (was round)
 FP16_MAX = 65504.0
 
 
