@@ -207,6 +207,7 @@ def _run_caption(args: argparse.Namespace) -> int:
 
     from data_gen import cost
     from data_gen.client import ClientOptions
+    from data_gen.lock import OutputLockedError
     from data_gen.prompts import PromptFileError
     from data_gen.run import Job, RunOptions
     from data_gen.store import CorruptOutputError
@@ -230,7 +231,7 @@ def _run_caption(args: argparse.Namespace) -> int:
     )
     try:
         job = Job.open(options, args.model, dry_run=args.dry_run)
-    except (PromptFileError, CorruptOutputError, OSError) as exc:
+    except (PromptFileError, CorruptOutputError, OutputLockedError, OSError) as exc:
         return _fail(str(exc))
     if args.dry_run:
         return _dry_run(job, client_options, price, args.batch)

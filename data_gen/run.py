@@ -5,7 +5,8 @@
 
 Every unique image ends exactly once in OUT.jsonl (a record keyed by image hash + task) or in
 OUT.errors.jsonl (with a reason). Rerunning the same command skips the done ids and retries the rest;
-`--batch` (batch.py) shares this Job and differs only in how requests are sent.
+`--batch` (batch.py) shares this Job and differs only in how requests are sent. Only one run at a time
+may write an output (lock.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from data_gen.client import (
     VisionClient,
     backoff_delay,
 )
+from data_gen.lock import OutputLock
 from data_gen.prompts import AnswerError, Task, get_task, sample_question, to_conversations
 from data_gen.scan import ImageFile, ScanResult, scan_folder
 from data_gen.store import ErrorLog, OutputStore, errors_path
@@ -125,13 +127,14 @@ class Job:
     """State shared by the online and batch runs: the scan, the task, the output files and the counts."""
 
     def __init__(self, options: RunOptions, model: str, scan: ScanResult, task: Task, store: OutputStore,
-                 errors: ErrorLog | None) -> None:
+                 errors: ErrorLog | None, lock: OutputLock | None = None) -> None:
         self.options = options
         self.model = model
         self.scan = scan
         self.task = task
         self.store = store
         self.errors = errors
+        self.lock = lock
         self.summary = Summary(found=scan.files_seen, unique=len(scan.images), duplicates=len(scan.duplicates),
                                unreadable_at_scan=len(scan.unreadable))
         self.todo = [img for img in scan.images if self.item_id(img) not in store.done]
@@ -142,12 +145,24 @@ class Job:
 
     @classmethod
     def open(cls, options: RunOptions, model: str, *, dry_run: bool = False) -> Job:
-        """Scan the folder and open the output files (read-only for a dry run)."""
+        """Scan the folder and open the output files (read-only for a dry run).
+
+        A real run first takes the output's lock (lock.py): OutputLockedError while another run writes it.
+        """
         task = get_task(options.task, options.prompt_file, options.raw_prompt)
-        scan = _scan_with_progress(options.image_dir, options.progress)
-        store = OutputStore(options.output, readonly=dry_run)
-        errors = None if dry_run else ErrorLog(errors_path(options.output))
-        job = cls(options, model, scan, task, store, errors)
+        lock = None
+        if not dry_run:
+            lock = OutputLock(options.output)
+            lock.acquire()  # before anything is read or written: the files are the holder's
+        try:
+            scan = _scan_with_progress(options.image_dir, options.progress)
+            store = OutputStore(options.output, readonly=dry_run)
+            errors = None if dry_run else ErrorLog(errors_path(options.output))
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        job = cls(options, model, scan, task, store, errors, lock)
         if not scan.files_seen:
             log.warning("no images (jpg, jpeg, png, webp, gif, bmp) found under %s", options.image_dir)
         if errors is not None:
@@ -192,10 +207,14 @@ class Job:
             self.errors.write({"image": rel, "reason": reason, "detail": detail, "sha256": sha256})
 
     def close(self) -> None:
-        """Flush and close the output files."""
-        self.store.close()
-        if self.errors is not None:
-            self.errors.close()
+        """Flush and close the output files, then release the output's lock."""
+        try:
+            self.store.close()
+            if self.errors is not None:
+                self.errors.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def _progress_bar(total: int, enabled: bool, unit: str, desc: str) -> Any:
