@@ -286,7 +286,6 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
             return
         except TransientError as exc:
             transient += 1
-            job.summary.retries[exc.reason] += 1
             if transient > options.max_retries:
                 if client.successes == 0 and exc.reason in ("connection_error", "timeout"):
                     where = client.options.base_url or "api.openai.com"
@@ -296,6 +295,7 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
                     ) from None
                 job.fail(img, exc.reason, exc.detail, transient + invalid)
                 return
+            job.summary.retries[exc.reason] += 1  # counted only when a retry follows
             delay = backoff_delay(transient, exc.retry_after, base=options.retry_delay)
             if exc.reason == "rate_limited":
                 limiter.pause(delay)  # the limit is the account's: everyone waits, not just this worker
@@ -303,10 +303,10 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
             await asyncio.sleep(delay)
         except AnswerError as exc:
             invalid += 1
-            job.summary.retries[exc.reason] += 1
             if invalid > options.validation_retries:
                 job.fail(img, exc.reason, exc.detail, transient + invalid)
                 return
+            job.summary.retries[exc.reason] += 1
             log.debug("%s: unusable answer (%s); asking again", img.rel, exc)
 
 
