@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from dg_support import PYTHON, REPO, make_images, read_jsonl, subprocess_env
+from dg_support import PYTHON, REPO, communicate, make_images, popen, read_jsonl, subprocess_env
 
 from data_gen.testing.stub_server import StubServer
 
@@ -23,7 +23,7 @@ def _start(images: Path, out: Path, stub: StubServer, *extra: str) -> subprocess
     command = [PYTHON, "-m", "llava_kit.cli", "caption", str(images), "-o", str(out), "--model", "gpt-4o",
                "--base-url", stub.base_url, "--concurrency", str(CONCURRENCY), "--timeout", "5", "--no-progress",
                *extra]
-    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -80,7 +80,7 @@ def test_ctrl_c_keeps_finished_work_and_says_how_to_resume(tmp_path: Path) -> No
         _wait_for_lines(out, 4, proc)
         stub.wait_held(1)  # a request is in flight
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)  # no release: Ctrl-C must not wait for answers
+        _, stderr = communicate(proc, 60)  # no release: Ctrl-C must not wait for answers
     assert proc.returncode == 130
     assert "Traceback" not in stderr
     assert "rerun the same command to continue" in stderr

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from dg_support import PYTHON, REPO, fast_args, make_images, read_jsonl, subprocess_env
+from dg_support import PYTHON, REPO, communicate, fast_args, make_images, popen, read_jsonl, subprocess_env
 
 from data_gen.testing.stub_server import StubServer
 
@@ -33,7 +33,7 @@ def _command(images: Path, out: Path, stub: StubServer) -> list[str]:
 
 
 def _start(images: Path, out: Path, stub: StubServer) -> subprocess.Popen[str]:
-    return subprocess.Popen(_command(images, out, stub), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+    return popen(_command(images, out, stub), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -89,8 +89,8 @@ def test_a_second_run_on_the_same_output_refuses_and_names_the_first(tmp_path: P
         second = _start(images, out, stub)
         _wait_until(lambda: second.poll() is not None or stub.held > CONCURRENCY, "the second run exits or sends")
         stub.release()
-        _, second_err = second.communicate(timeout=LIMIT)
-        _, first_err = first.communicate(timeout=LIMIT)
+        _, second_err = communicate(second, LIMIT)
+        _, first_err = communicate(first, LIMIT)
         requests = stub.count()
     assert second.returncode == 2, second_err
     assert f"is being written by pid {first.pid} on host {socket.gethostname()} since " in second_err
@@ -111,7 +111,7 @@ def test_two_runs_started_together_write_each_image_once(tmp_path: Path) -> None
         _wait_until(lambda: any(p.poll() is not None for p in runs) or stub.held > CONCURRENCY,
                     "one run exits or both send")
         stub.release()
-        errs = [p.communicate(timeout=LIMIT)[1] for p in runs]
+        errs = [communicate(p, LIMIT)[1] for p in runs]
     _assert_complete(out, images)
     codes = [p.returncode for p in runs]
     assert sorted(codes) == [0, 2], errs
@@ -126,7 +126,7 @@ def test_a_run_whose_wrapper_was_killed_still_holds_the_output(tmp_path: Path) -
     with StubServer(latency=0.01) as stub:
         stub.hold()
         with (tmp_path / "child.log").open("w") as log:
-            wrapper = subprocess.Popen(["sh", "-c", '"$@" & wait', "wrapper", *_command(images, out, stub)],
+            wrapper = popen(["sh", "-c", '"$@" & wait', "wrapper", *_command(images, out, stub)],
                                        cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=log)
         stub.wait_held(CONCURRENCY)
         child = json.loads(owner_path(out).read_text())["pid"]
@@ -135,7 +135,7 @@ def test_a_run_whose_wrapper_was_killed_still_holds_the_output(tmp_path: Path) -
         wrapper.wait()
         try:
             second = _start(images, out, stub)
-            _, second_err = second.communicate(timeout=LIMIT)
+            _, second_err = communicate(second, LIMIT)
             assert second.returncode == 2, second_err
             assert f"is being written by pid {child} on host" in second_err
             stub.release()
@@ -154,7 +154,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_note(tmp_path: Pat
     make_images(images, 6)
     script = ("import sys, time; from pathlib import Path; from data_gen.lock import OutputLock; "
               "lock = OutputLock(Path(sys.argv[1])); lock.acquire(); print('locked', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([PYTHON, "-c", script, str(out)], cwd=REPO, env=subprocess_env(),
+    holder = popen([PYTHON, "-c", script, str(out)], cwd=REPO, env=subprocess_env(),
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -192,7 +192,7 @@ def test_kill_9_twice_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path: 
             stub.release()
         assert len(read_jsonl(out)) == 20
         rerun = _start(images, out, stub)
-        _, stderr = rerun.communicate(timeout=LIMIT)
+        _, stderr = communicate(rerun, LIMIT)
     assert rerun.returncode == 0, stderr
     assert f"pid {killed[-1]} on host" in stderr and "taking it over" in stderr
     assert "skipped (already done): 20" in stderr
@@ -234,14 +234,14 @@ def test_ctrl_c_accounts_for_every_image(tmp_path: Path) -> None:
         _wait_until(lambda: _lines(out) >= 4, "4 lines")
         stub.wait_held(CONCURRENCY)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=LIMIT)
+        _, stderr = communicate(proc, LIMIT)
         stub.release()
         assert proc.returncode == 130, stderr
         seen, reasons = _accounting(out)
         assert set(seen) == _all_images(images) and set(seen.values()) == {1}
         assert Counter(reasons.values()) == {"stopped": CONCURRENCY, "not_attempted": N_IMAGES - 4 - CONCURRENCY}
         rerun = _start(images, out, stub)
-        _, stderr = rerun.communicate(timeout=LIMIT)
+        _, stderr = communicate(rerun, LIMIT)
     assert rerun.returncode == 0, stderr
     _assert_complete(out, images)
 
