@@ -23,8 +23,7 @@ def _start(images: Path, out: Path, stub: StubServer, *extra: str) -> subprocess
     command = [PYTHON, "-m", "llava_kit.cli", "caption", str(images), "-o", str(out), "--model", "gpt-4o",
                "--base-url", stub.base_url, "--concurrency", str(CONCURRENCY), "--timeout", "5", "--no-progress",
                *extra]
-    return popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_lines(out: Path, count: int, proc: subprocess.Popen[str], limit: float = 120.0) -> None:

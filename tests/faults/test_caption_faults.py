@@ -34,7 +34,7 @@ def _command(images: Path, out: Path, stub: StubServer) -> list[str]:
 
 def _start(images: Path, out: Path, stub: StubServer) -> subprocess.Popen[str]:
     return popen(_command(images, out, stub), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                 stderr=subprocess.PIPE, text=True)
 
 
 def _wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -45,7 +45,7 @@ def _wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def owner_path(out: Path) -> Path:
+def _owner_path(out: Path) -> Path:
     """Who holds OUT's lock (docs/data_gen.md): `out.jsonl` -> `out.lock.json`."""
     return out.with_name(out.stem + ".lock.json")
 
@@ -98,7 +98,7 @@ def test_a_second_run_on_the_same_output_refuses_and_names_the_first(tmp_path: P
     assert first.returncode == 0, first_err
     _assert_complete(out, images)
     assert requests == N_IMAGES  # the refused run sent nothing
-    assert not owner_path(out).exists()  # the finished run took its record away
+    assert not _owner_path(out).exists()  # the finished run took its record away
 
 
 def test_two_runs_started_together_write_each_image_once(tmp_path: Path) -> None:
@@ -127,9 +127,9 @@ def test_a_run_whose_wrapper_was_killed_still_holds_the_output(tmp_path: Path) -
         stub.hold()
         with (tmp_path / "child.log").open("w") as log:
             wrapper = popen(["sh", "-c", '"$@" & wait', "wrapper", *_command(images, out, stub)],
-                                       cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=log)
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=log)
         stub.wait_held(CONCURRENCY)
-        child = json.loads(owner_path(out).read_text())["pid"]
+        child = json.loads(_owner_path(out).read_text())["pid"]
         assert child != wrapper.pid
         wrapper.kill()
         wrapper.wait()
@@ -139,10 +139,10 @@ def test_a_run_whose_wrapper_was_killed_still_holds_the_output(tmp_path: Path) -
             assert second.returncode == 2, second_err
             assert f"is being written by pid {child} on host" in second_err
             stub.release()
-            _wait_until(lambda: not owner_path(out).exists(), "the orphaned run finishes")  # it releases last
+            _wait_until(lambda: not _owner_path(out).exists(), "the orphaned run finishes")  # it releases last
         finally:
             stub.release()
-            if owner_path(out).exists():
+            if _owner_path(out).exists():
                 os.kill(child, signal.SIGKILL)  # only when the test failed: do not leave it running
     _assert_complete(out, images)
     assert stub.count() == N_IMAGES
@@ -154,8 +154,8 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_note(tmp_path: Pat
     make_images(images, 6)
     script = ("import sys, time; from pathlib import Path; from data_gen.lock import OutputLock; "
               "lock = OutputLock(Path(sys.argv[1])); lock.acquire(); print('locked', flush=True); time.sleep(600)")
-    holder = popen([PYTHON, "-c", script, str(out)], cwd=REPO, env=subprocess_env(),
-                              stdout=subprocess.PIPE, text=True)
+    holder = popen([PYTHON, "-c", script, str(out)], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                   text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         refused = caption(images, "-o", out, *fast_args(stub))
@@ -166,13 +166,13 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_note(tmp_path: Pat
         holder.kill()
         holder.wait()
         holder.stdout.close()
-    assert json.loads(owner_path(out).read_text())["pid"] == holder.pid  # the dead holder's record is still there
+    assert json.loads(_owner_path(out).read_text())["pid"] == holder.pid  # the dead holder's record is still there
 
     result = caption(images, "-o", out, *fast_args(stub))
     assert result.code == 0, result.stderr
     assert f"the run that held it, pid {holder.pid} on host" in result.stderr and "taking it over" in result.stderr
     assert len(read_jsonl(out)) == 6
-    assert not owner_path(out).exists()
+    assert not _owner_path(out).exists()
 
 
 def test_kill_9_twice_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ def test_kill_9_twice_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path: 
             proc = _start(images, out, stub)
             _wait_until(lambda stop_at=stop_at: _lines(out) >= stop_at, f"{stop_at} lines")
             stub.wait_held(CONCURRENCY)
-            assert json.loads(owner_path(out).read_text())["pid"] == proc.pid  # the lock names its holder
+            assert json.loads(_owner_path(out).read_text())["pid"] == proc.pid  # the lock names its holder
             proc.kill()
             proc.communicate()
             killed.append(proc.pid)
