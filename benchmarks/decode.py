@@ -65,7 +65,7 @@ def main() -> int:
     image = prepare_image(load_image(str(paths["images"] / "0000.png")), "resize", tower.image_mean)
     pixel_values = tower.preprocess([image])  # [1, 3, 224, 224]
     prompt = encode_messages([{"role": "user", "content": "<image>\nDescribe the image."}], tokenizer, "chatml",
-                             model.image_token_id, model.tokens_per_image, max_seq_len=10**9, n_images=1,
+                             model.image_token_id, model.tokens_per_image, max_seq_len=None, n_images=1,
                              add_generation_prompt=True)
     input_ids = torch.tensor([prompt.input_ids])
     attention_mask = torch.ones_like(input_ids)

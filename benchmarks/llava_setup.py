@@ -25,8 +25,8 @@ def build_workdir(root: Path, n_samples: int = N_SAMPLES) -> dict:
     """Write vision/, llm/ and data/ under `root` (once); returns their paths."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from llava_kit.data.shapes import COLORS, SHAPES, draw_spec, random_spec
-    from llava_kit.model.tiny import build_tiny_tokenizer
+    from llava_kit.demo.shapes import COLORS, SHAPES, draw_spec, random_spec
+    from llava_kit.testing.tiny import build_tiny_tokenizer
 
     paths = {"vision": root / "vision", "llm": root / "llm", "data": root / "data" / "pretrain.json",
              "images": root / "data" / "images"}

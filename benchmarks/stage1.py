@@ -33,7 +33,8 @@ from llava_setup import BATCH, build_workdir, reference_from, stage1_config  # n
 
 from llava_kit.config import config_from_dict  # noqa: E402
 from llava_kit.data.encode import IGNORE_INDEX  # noqa: E402
-from llava_kit.train.engine import build_dataset, train  # noqa: E402
+from llava_kit.data.multimodal import build_dataset  # noqa: E402
+from llava_kit.train.engine import train  # noqa: E402
 
 
 def run_llava_kit(paths: dict, out: Path, cache: Path, **train_overrides) -> tuple[float, float]:

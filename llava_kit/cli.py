@@ -14,8 +14,10 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
-from llava_kit.errors import LlavaKitError, UsageError
+from llava_kit.errors import LlavaKitError, PathNotFoundError, UsageError
+from llava_kit.scoring import SCORERS
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -26,13 +28,26 @@ def setup_logging(verbose: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------------------- handlers
 
+MODEL_DIR_HINT = "give a merged model directory (`llava-kit merge`), a run directory (`llava-kit train`) or an " \
+                 "imported one (`llava-kit import`)"
+
+
+def _existing(path: str, what: str, kind: str = "path", hint: str = "") -> str:
+    """`path` when it exists (as a file or directory when `kind` says so); PathNotFoundError naming it otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise PathNotFoundError(f"{what} {path!r} does not exist" + (f"; {hint}" if hint else ""))
+    if (kind == "directory" and not p.is_dir()) or (kind == "file" and not p.is_file()):
+        raise PathNotFoundError(f"{what} {path!r} is not a {kind}" + (f"; {hint}" if hint else ""))
+    return path
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from llava_kit.config import load_config
     from llava_kit.train.engine import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg)
+    run_dir = train(cfg, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/deepspeed every rank returns here
         print(run_dir, file=args.results)
     return 0
@@ -41,56 +56,54 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from llava_kit.export.merge import merge_run
 
-    print(merge_run(args.run_dir, args.output), file=args.results)
+    _existing(args.run_dir, "RUN_DIR", "directory", "give a run directory written by `llava-kit train`")
+    print(merge_run(args.run_dir, args.output, trust_remote_code=args.trust_remote_code), file=args.results)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from llava_kit.export.hf_llava import export_model
 
-    print(export_model(args.model_dir, args.output, args.format), file=args.results)
+    _existing(args.model_dir, "MODEL_DIR", "directory", MODEL_DIR_HINT)
+    print(export_model(args.model_dir, args.output, args.format, trust_remote_code=args.trust_remote_code),
+          file=args.results)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from llava_kit.schema import parse_arguments
+    from llava_kit.serve.settings import ServerSettings
 
-    from llava_kit.serve.server import ServerSettings, serve
+    settings = parse_arguments(ServerSettings, args, api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY"),
+                               model_name=args.model_name or Path(args.model).resolve().name)
+    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    from llava_kit.serve.server import serve
 
-    for name in ("max_body_mb", "max_new_tokens", "max_batch_size", "max_images"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    settings = ServerSettings(
-        model_name=args.model_name or Path(args.model).resolve().name,
-        api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY") or None,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
-        max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
-        allow_remote_images=args.allow_remote_images)
-    serve(args.model, settings, args.host, args.port)
+    serve(args.model, settings, trust_remote_code=args.trust_remote_code)
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from llava_kit.export.import_llava import import_checkpoint
 
+    _existing(args.checkpoint, "CHECKPOINT", "directory", "give a llava-hf or original LLaVA checkpoint directory")
+    if args.vision:
+        _existing(args.vision, "--vision", "directory", "give a local copy of the checkpoint's mm_vision_tower")
     print(import_checkpoint(args.checkpoint, args.output, args.vision), file=args.results)
     return 0
 
 
-def _chat_session(args: argparse.Namespace):
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession, GenerationSettings
-
-    model, tokenizer, settings = load_for_inference(args.model)
-    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p)
-    return ChatSession(model, tokenizer, settings, generation)
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    from llava_kit.serve.chat import answer_once, run_repl
+    from llava_kit.inference import ChatSession, SamplingParams, answer_once
+    from llava_kit.loader import open_model_dir
+    from llava_kit.serve.chat import run_repl
 
-    session = _chat_session(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)  # checked before the model loads
+    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    if args.image:
+        _existing(args.image, "--image", "file")
+    session = ChatSession.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code), params)
     if args.prompt is not None:
         print(answer_once(session, args.image, args.prompt), file=args.results)
         return 0
@@ -100,20 +113,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from llava_kit.eval import evaluate, format_report, read_eval_records
-    from llava_kit.export.merge import load_for_inference
+    from llava_kit.inference import GenerationService
+    from llava_kit.loader import open_model_dir
+    from llava_kit.scoring import choose_scorer
 
+    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    _existing(args.data, "--data", "file", "give the eval JSONL")
+    _existing(args.image_root, "--image-root", "directory", "give the directory the `image` paths are relative to")
+    if args.limit < 0:
+        raise UsageError(f"--limit {args.limit}: must be at least 0 (0 scores every question)")
     records = read_eval_records(args.data)
     if args.limit:
         records = records[: args.limit]
-    model, tokenizer, settings = load_for_inference(args.model)
-    accuracy = evaluate(model, tokenizer, settings, records, args.image_root, args.max_new_tokens, args.predictions)
+    choose_scorer(records, args.scorer)  # before the model loads: a mismatch fails fast
+    service = GenerationService.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code))
+    accuracy = evaluate(service, records, args.image_root, args.max_new_tokens, args.predictions,
+                        scorer=args.scorer)
     print(format_report(accuracy), file=args.results)
     return 0
 
 
 def cmd_init_tiny(args: argparse.Namespace) -> int:
-    from llava_kit.model.tiny import init_tiny
+    from llava_kit.testing.tiny import init_tiny
 
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UsageError(f"OUT_DIR {args.out_dir!r} is a file; give a directory (new or existing) for vision/ and llm/")
     paths = init_tiny(args.out_dir, seed=args.seed)
     print(f"vision: {paths['vision']}\nllm: {paths['llm']}", file=args.results)
     return 0
@@ -127,7 +151,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         from llava_kit.config import load_config
 
         cfg = load_config(args.config, ["output_dir=unused"])  # a check writes nothing; any output_dir will do
-    if (cfg is not None and cfg.stage in ("text-pt", "text-sft")) or args.format not in (None, "llava"):
+    if (cfg is not None and cfg.modality == "text") or args.format not in (None, "llava"):
         return _data_check_text(args, cfg, args.format or cfg.data.format)
     if not args.image_root:
         raise UsageError("--image-root is required for LLaVA data (give --format for text data)")
@@ -175,7 +199,7 @@ def cmd_projectors(args: argparse.Namespace) -> int:
 
 def cmd_compare_projectors(args: argparse.Namespace) -> int:
     from llava_kit.compare import compare_projectors
-    from llava_kit.compare_report import format_results
+    from llava_kit.compare.report import format_results
 
     names = [n.strip() for n in args.projectors.split(",") if n.strip()] if args.projectors else None
     results, report = compare_projectors(args.config, names, args.report)
@@ -197,10 +221,22 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when temperature > 0")
+    p.add_argument("--seed", type=int, help="seed of the sampling draws (same seed, same answer)")
+
+
+def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory's own Python code to run (needed by some LLMs, e.g. InternLM2; "
+                        "only for directories you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand (cheap: no torch import)."""
+    from llava_kit.config import DATA_FORMATS
+    from llava_kit.schema import add_arguments
+    from llava_kit.serve.settings import CLI_FIELDS as SERVE_FIELDS
+    from llava_kit.serve.settings import ServerSettings
+
     parser = argparse.ArgumentParser(
         prog="llava-kit",
         description="Build LLaVA-style vision-language models: caption data, pretrain a projector, "
@@ -229,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config keys (e.g. output_dir=runs/x train.max_steps=100 model.lora.r=16).")
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys, dotted for nesting")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir (its weights, checkpoints, metrics); without it such "
+                        "a directory is refused unless the config resumes it (train.resume_from_checkpoint)")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("merge", help="fold projector and LoRA into one standalone model directory",
@@ -236,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the LLM and write a directory that needs no base model paths.")
     p.add_argument("run_dir", help="a run directory written by `llava-kit train`")
     p.add_argument("-o", "--output", required=True, help="output directory of the merged model")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_merge)
 
     p = sub.add_parser("export", help="write a model in another format (hf-llava: transformers, vLLM, SGLang)",
@@ -246,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a merged model directory or a run directory")
     p.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format (default hf-llava)")
     p.add_argument("-o", "--output", required=True, help="output directory")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("import", help="convert a llava-hf or original LLaVA checkpoint into a llava-kit model dir",
@@ -265,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image file to talk about (leave out for a text model: a merged text-pt/text-sft run)")
     p.add_argument("--prompt", help="one-shot question: print only the answer and exit")
     _add_generation_options(p)
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)",
@@ -273,23 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "answers equal `llava-kit chat --prompt`. Concurrent requests are queued and "
                                    "batched. Ctrl-C stops it.")
     p.add_argument("--model", required=True, help="a merged model directory or a run directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                       "only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LLAVA_KIT_API_KEY; "
-                                     "unset = no key)")
-    p.add_argument("--model-name", help="the model id /v1/models lists (default: the directory's name)")
-    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
-    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="default and ceiling of max_tokens (default 512)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="most queued requests generated together "
-                                                                  "(default 8)")
-    p.add_argument("--allow-remote-images", action="store_true",
-                   help="fetch http(s) image URLs (off by default: only data URLs are accepted)")
+    add_arguments(p, ServerSettings, SERVE_FIELDS)
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("eval", help="score held-out questions through the chat code path",
-                       description="Answer each question of an eval JSONL (shapes-task fields or `answer`) and "
+                       description="Answer each question of an eval JSONL (`answer`, or a task's fields) and "
                                    "print accuracy per kind, ending with `accuracy: X.XX`.")
     p.add_argument("--model", required=True, help="a merged model directory or a run directory")
     p.add_argument("--data", required=True, help="eval JSONL: {image, question, answer | kind+shape+color}")
@@ -297,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="score only the first N questions (0 = all)")
     p.add_argument("--predictions", help="write every question with its prediction to this JSONL")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    p.add_argument("--scorer", default="auto", choices=["auto", *SCORERS],
+                   help="how answers are scored: exact (`answer` field), shapes (the shapes task's fields), or auto "
+                        "(the first that fits every record; default)")
+    _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("projectors", help="list every projector with its visual-token and parameter count",
@@ -325,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "over-long samples and fully masked labels. Exit code 1 when any is bad.")
     c.add_argument("data", nargs="+", help="LLaVA JSON or JSONL file(s), or text data with --format")
     c.add_argument("--image-root", help="directory the `image` paths are relative to (LLaVA data)")
-    c.add_argument("--format", choices=["llava", "text", "alpaca", "sharegpt", "openai", "moss", "auto"],
+    c.add_argument("--format", choices=DATA_FORMATS,
                    help="text data: `text` (text-pt), a conversation format or `auto` (text-sft); "
                         "default: llava, or the format of a text-stage --config")
     c.add_argument("--config", help="a training config: also check lengths and labels with its tokenizer/template")
@@ -350,7 +385,13 @@ def _run_caption(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the chosen subcommand; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `train CONFIG --overwrite key=value`: argparse leaves overrides written after an option unparsed
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
@@ -367,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     except LlavaKitError as err:  # anything else is a bug: its traceback shows (exit 1)
         if os.environ.get("LLAVA_KIT_DEBUG"):
             raise
-        print(f"llava-kit {args.command}: error: {err}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"llava-kit {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,35 +1,60 @@
-"""Run configuration: YAML -> typed dataclasses, `key=value` overrides, validation up front.
+"""Run configuration: YAML -> typed models (llava_kit/schema.py), `key=value` overrides, validation up front.
 
     cfg = load_config("configs/tiny/pretrain.yaml", ["output_dir=runs/x", "train.max_steps=20"])
 
 Every problem is collected and raised together in one `ConfigError`; an unknown key names the
-nearest valid one. The resolved config is saved into every run directory (`config.yaml`), so merge
-and chat need nothing but the directory.
+nearest valid one. Types and choices (every enum-like key) are checked first, by the schema; the cross-field
+checks of `validate` follow on a well-typed config. The resolved config is saved into every run directory
+(`config.yaml`), so merge and chat need nothing but the directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import Field, StringConstraints
 
 from llava_kit.errors import ConfigError
+from llava_kit.schema import Described, Schema, did_you_mean, dump_yaml, load_yaml_file, validate_data
+from llava_kit.schema import apply_overrides as apply_overrides
 
-STAGES = ("pretrain", "sft", "text-pt", "text-sft")
-MULTIMODAL_STAGES = ("pretrain", "sft")
-TEXT_STAGES = ("text-pt", "text-sft")
-DATA_FORMATS = ("auto", "llava", "text", "alpaca", "sharegpt", "openai", "moss")
+STAGE_MODALITY = {"pretrain": "multimodal", "sft": "multimodal", "text-pt": "text", "text-sft": "text"}
+"""Which modality each stage trains, the one table to ask (llava_kit/modality.py holds what differs between them)."""
+STAGES = tuple(STAGE_MODALITY)
+MULTIMODAL_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "multimodal")
+TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")
+
+# Record formats, written out once: the conversation formats text-sft reads (llava JSON without images too), and
+# every value of `data.format` (`text` is raw text for text-pt; `auto` detects the format from the keys).
+CONVERSATION_FORMATS = ("alpaca", "sharegpt", "openai", "moss", "llava")
+DATA_FORMATS = ("auto", "text", *CONVERSATION_FORMATS)
+# Formats each stage reads: raw text for text-pt, conversations for text-sft, LLaVA JSON for the multimodal stages.
+STAGE_FORMATS = {"pretrain": ("auto", "llava"), "sft": ("auto", "llava"), "text-pt": ("auto", "text"),
+                 "text-sft": ("auto", *CONVERSATION_FORMATS)}
 DATASET_KEYS = ("path", "format", "weight", "split", "subset")
+# Chat template names (llava_kit/data/templates.py renders them); here so that config checks them without importing
+# the data layer.
+TEMPLATE_NAMES = ("plain", "vicuna_v1", "chatml", "tokenizer")
+
+# transformers' names, written out so a typo fails here and not deep inside the Trainer; tests/unit/test_config.py
+# checks them against the installed transformers (SchedulerType, the reporting integrations, attention kernels).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+REPORT_INTEGRATIONS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow",
+                       "mlflow", "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# transformers' pattern of an attention kernel from the hub (integrations/hub_kernels.py `is_kernel`)
+HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
+
+DataFormat = Literal[DATA_FORMATS]
+ReportTarget = Literal[(*REPORT_INTEGRATIONS, "none", "all")]
+HubKernel = Annotated[str, StringConstraints(pattern=HUB_KERNEL.pattern), Described("a hub kernel 'org/name'")]
 
 
-@dataclass
-class VisionConfig:
+class VisionConfig(Schema):
     name_or_path: str = ""
     """Hub id or local directory of a CLIP/SigLIP model, an open_clip model name, or `tiny:vision`."""
     backend: Literal["auto", "transformers", "open_clip"] = "auto"
@@ -43,30 +68,28 @@ class VisionConfig:
     """`patch` drops the CLS token where the tower has one; `full` keeps every token."""
 
 
-@dataclass
-class LLMConfig:
+class LLMConfig(Schema):
     name_or_path: str = ""
     """Hub id or local directory of any causal LM transformers can load, or `tiny:llm`."""
     tokenizer: str | None = None
     """Tokenizer location when it differs from `name_or_path`."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (needed by e.g. InternLM2); only for sources you trust."""
-    attn_implementation: str = "auto"
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] | HubKernel = "auto"
     """Attention kernel for training: `auto` is flash_attention_2 on a CUDA GPU with the flash-attn package when
-    training in bf16/fp16 (varlen kernels make `data.packing` pay), else transformers' default (sdpa); or any name
-    transformers takes: sdpa, eager, flash_attention_2, flex_attention."""
+    training in bf16/fp16 (varlen kernels make `data.packing` pay), else transformers' default (sdpa); or a name
+    transformers takes: eager, sdpa, flash_attention_2, flash_attention_3, flex_attention, or a hub kernel
+    (`org/name`, e.g. kernels-community/flash-attn)."""
 
 
-@dataclass
-class ProjectorConfig:
+class ProjectorConfig(Schema):
     name: str = "mlp2x_gelu"
     """Registry name (`llava-kit projectors` lists them): linear, mlp2x_gelu, ..."""
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
     """Extra constructor options of the chosen projector."""
 
 
-@dataclass
-class LoraConfig:
+class LoraConfig(Schema):
     r: int = 64
     """LoRA rank."""
     alpha: int = 128
@@ -81,8 +104,7 @@ class LoraConfig:
     """Weight-decomposed LoRA (peft DoRA): slower per step, often better at low rank."""
 
 
-@dataclass
-class TrainableConfig:
+class TrainableConfig(Schema):
     vision: Literal["frozen", "full"] | None = None
     """Vision tower: frozen (default) or full."""
     projector: Literal["frozen", "full"] | None = None
@@ -92,24 +114,22 @@ class TrainableConfig:
     qlora is LoRA on a 4-bit (NF4) base, which needs a CUDA GPU and bitsandbytes."""
 
 
-@dataclass
-class ModelConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    trainable: TrainableConfig = field(default_factory=TrainableConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+class ModelConfig(Schema):
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
+    trainable: TrainableConfig = Field(default_factory=TrainableConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     init_from: str | None = None
     """A previous run directory (e.g. a pretrain run) whose projector starts this run."""
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Schema):
     path: str | list[str] = ""
     """Data file(s): LLaVA JSON/JSONL for pretrain/sft; for text stages .txt, .json, .jsonl or a `datasets` hub name."""
-    format: Literal["auto", "llava", "text", "alpaca", "sharegpt", "openai", "moss"] = "auto"
+    format: DataFormat = "auto"
     """Record format of `path`: auto (detected from the keys), text, alpaca, sharegpt, openai, moss, llava."""
-    datasets: list[Any] = field(default_factory=list)
+    datasets: list[Any] = Field(default_factory=list)
     """Text stages: several datasets mixed in one run, instead of `path`; each entry is a path, or has `path` and
     `format`, `weight` (copies of the dataset per epoch: 2.0 doubles it, 0.5 keeps a random half), and for hub
     names `split` (default train) and `subset`."""
@@ -122,7 +142,8 @@ class DataConfig:
     image_root: str = ""
     """Directory the `image` paths are relative to."""
     template: str = "plain"
-    """`plain` (pretraining), `vicuna_v1`, `chatml`, or `tokenizer` (the tokenizer's own chat template)."""
+    """`plain` (pretraining), `vicuna_v1`, `chatml`, or `tokenizer` (the tokenizer's own chat template); checked
+    against TEMPLATE_NAMES with the other cross-field checks."""
     system_prompt: str | None = None
     """System prompt for chat templates; None uses the template's default."""
     image_aspect: Literal["pad", "resize"] = "pad"
@@ -140,8 +161,7 @@ class DataConfig:
     """Where cached features live; empty means `$LLAVA_KIT_HOME/feature_cache` (~/.cache/llava-kit/...)."""
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Schema):
     micro_batch_size: int = 8
     """Samples per device per forward pass."""
     gradient_accumulation_steps: int = 1
@@ -155,8 +175,8 @@ class TrainConfig:
     projector_learning_rate: float | None = None
     """Peak learning rate of the projector; None uses learning_rate."""
     weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    """Any transformers scheduler name: cosine, linear, constant, constant_with_warmup, ..."""
+    lr_scheduler: Literal[LR_SCHEDULERS] = "cosine"
+    """A transformers scheduler: cosine, linear, constant, constant_with_warmup, ... (LR_SCHEDULERS lists them)."""
     lr_warmup_ratio: float = 0.03
     """Fraction of the steps spent warming up."""
     max_grad_norm: float = 1.0
@@ -176,23 +196,27 @@ class TrainConfig:
     """Path of a DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json)."""
     resume_from_checkpoint: str | None = None
     """A checkpoint-N directory, or `latest` for the newest in output_dir."""
-    report_to: str = "tensorboard"
-    """Where the Trainer logs: tensorboard, none, wandb, ..."""
+    report_to: ReportTarget | list[ReportTarget] = "tensorboard"
+    """Where the Trainer logs: tensorboard, wandb, mlflow, ... (REPORT_INTEGRATIONS), a list of them, none or all."""
     use_cpu: bool = False
     """Train on the CPU even when a GPU is present."""
 
 
-@dataclass
-class RunConfig:
-    stage: Literal["pretrain", "sft", "text-pt", "text-sft"] = "pretrain"
+class RunConfig(Schema):
+    stage: Literal[STAGES] = "pretrain"
     """pretrain (projector only), sft (projector + LoRA on the LLM), text-pt (the LLM alone on raw text, loss on
     every token), text-sft (the LLM alone on conversations, loss on the answers)."""
     output_dir: str = ""
     """The run directory: resolved config, trained weights, metrics, loss plot, checkpoints."""
     seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def modality(self) -> Literal["text", "multimodal"]:
+        """What the stage trains on: "text" (text-pt, text-sft: the LLM alone) or "multimodal" (pretrain, sft)."""
+        return STAGE_MODALITY[self.stage]
 
     def resolve_defaults(self) -> None:
         """Fill the stage-dependent trainability defaults (pretrain: projector only; sft: + LoRA)."""
@@ -200,7 +224,7 @@ class RunConfig:
         t.vision = t.vision or "frozen"
         t.projector = t.projector or "full"
         t.llm = t.llm or ("frozen" if self.stage == "pretrain" else "lora")
-        if self.stage in TEXT_STAGES:  # no tower, no projector in a text-only run
+        if self.modality == "text":  # no tower, no projector in a text-only run
             t.vision, t.projector = "frozen", "frozen"
             if self.data.packing is None:
                 self.data.packing = self.stage == "text-pt"
@@ -208,94 +232,9 @@ class RunConfig:
             self.data.packing = False
 
 
-# ---------------------------------------------------------------------------------------------
-# dict <-> dataclass with type checks
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _check_value(value: Any, tp: Any) -> bool:
-    """True when `value` (as parsed from YAML) fits the annotation `tp`."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_check_value(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_check_value(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _from_dict(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from `data`, appending every problem found to `problems`."""
-    obj = cls()
-    if data is None:
-        return obj
-    if not isinstance(data, dict):
-        problems.append(f"`{prefix or 'config'}` must be a mapping, got {type(data).__name__}")
-        return obj
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean `{(prefix + '.' if prefix else '') + close[0]}`?" if close else ""
-            problems.append(f"unknown key `{path}`{hint} (valid keys here: {', '.join(names)})")
-            continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            setattr(obj, key, _from_dict(tp, value, path, problems))
-        elif tp is float and isinstance(value, str):
-            try:  # YAML reads 1e-3 as a string; accept it as the float it obviously is
-                setattr(obj, key, float(value))
-            except ValueError:
-                problems.append(f"`{path}` must be a number, got {value!r}")
-        elif _check_value(value, tp):
-            setattr(obj, key, float(value) if tp is float else value)
-        else:
-            problems.append(f"`{path}` must be {_type_name(tp)}, got {value!r}")
-    return obj
-
-
-def to_dict(cfg: Any) -> dict:
-    """A plain dict of a config dataclass (for YAML)."""
-    return dataclasses.asdict(cfg)
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError([f"override `{text}` is not of the form key=value (e.g. train.max_steps=100)"], "overrides")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
-    for text in overrides:
-        keys, value = _parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
-    return data
+def to_dict(cfg: Schema) -> dict:
+    """A plain dict of a config (for YAML)."""
+    return cfg.model_dump()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +250,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     problems = []
     if not cfg.output_dir:
         problems.append("`output_dir` is empty; set it in the YAML or on the command line: output_dir=runs/my-run")
-    multimodal = cfg.stage in MULTIMODAL_STAGES
+    multimodal = cfg.modality == "multimodal"
     if multimodal and not cfg.model.vision.name_or_path:
         problems.append("`model.vision.name_or_path` is empty; e.g. openai/clip-vit-large-patch14-336 or tiny:vision")
     if not cfg.model.llm.name_or_path:
@@ -323,13 +262,10 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     problems += _data_problems(cfg, paths)
     if multimodal and not cfg.data.image_root:
         problems.append("`data.image_root` is empty; set the directory the records' `image` paths are relative to")
-    from llava_kit.data.templates import TEMPLATE_NAMES  # local import: templates imports nothing heavy
-
     if cfg.data.template not in TEMPLATE_NAMES:
-        close = difflib.get_close_matches(cfg.data.template, TEMPLATE_NAMES, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        hint = did_you_mean(cfg.data.template, TEMPLATE_NAMES)
         problems.append(f"`data.template` is {cfg.data.template!r}{hint} (valid: {', '.join(TEMPLATE_NAMES)})")
-    if cfg.stage in TEXT_STAGES and cfg.model.trainable.llm == "frozen":
+    if cfg.modality == "text" and cfg.model.trainable.llm == "frozen":
         problems.append(f"stage `{cfg.stage}` trains the LLM; set `model.trainable.llm` to lora or full")
     if cfg.stage == "pretrain" and cfg.model.trainable.llm not in (None, "frozen"):
         problems.append("stage `pretrain` trains only the projector; remove `model.trainable.llm` or use stage `sft`")
@@ -378,11 +314,6 @@ def _qlora_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-# Formats each stage reads: raw text for text-pt, conversations for text-sft, LLaVA JSON for the multimodal stages.
-STAGE_FORMATS = {"pretrain": ("auto", "llava"), "sft": ("auto", "llava"), "text-pt": ("auto", "text"),
-                 "text-sft": ("auto", "alpaca", "sharegpt", "openai", "moss", "llava")}
-
-
 def _data_problems(cfg: RunConfig, paths: list[str]) -> list[str]:
     """Checks of `data.format`, `data.datasets`, `data.packing` and the template against the stage."""
     problems, d, stage = [], cfg.data, cfg.stage
@@ -391,7 +322,7 @@ def _data_problems(cfg: RunConfig, paths: list[str]) -> list[str]:
         problems.append(f"`data.format` {d.format!r} is not read by stage `{stage}` (valid: {', '.join(valid)})")
     if d.datasets and any(paths):
         problems.append("set either `data.path` or `data.datasets`, not both (a path is a dataset entry with weight 1)")
-    if d.datasets and stage not in TEXT_STAGES:
+    if d.datasets and cfg.modality != "text":
         problems.append("`data.datasets` mixes text datasets; for pretrain/sft list the files in `data.path`")
     for i, entry in enumerate(d.datasets):
         key = f"data.datasets[{i}]"
@@ -402,8 +333,7 @@ def _data_problems(cfg: RunConfig, paths: list[str]) -> list[str]:
             continue
         for k in entry:
             if k not in DATASET_KEYS:
-                close = difflib.get_close_matches(str(k), DATASET_KEYS, n=1, cutoff=0.5)
-                hint = f"; did you mean `{close[0]}`?" if close else ""
+                hint = did_you_mean(k, DATASET_KEYS, cutoff=0.5)
                 problems.append(f"unknown key `{key}.{k}`{hint} (valid keys here: {', '.join(DATASET_KEYS)})")
         if not isinstance(entry.get("path"), str) or not entry.get("path"):
             problems.append(f"`{key}.path` is missing; give a data file or a `datasets` hub name")
@@ -430,7 +360,7 @@ def looks_like_hub_name(path: str) -> bool:
 def _missing_paths(cfg: RunConfig, data_paths: list[str]) -> list[str]:
     problems = []
     for p in data_paths:
-        if p and not Path(p).is_file() and not (cfg.stage in TEXT_STAGES and looks_like_hub_name(p)):
+        if p and not Path(p).is_file() and not (cfg.modality == "text" and looks_like_hub_name(p)):
             problems.append(f"`data.path` file {p!r} does not exist")
     if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
         problems.append(f"`data.image_root` {cfg.data.image_root!r} is not a directory")
@@ -439,15 +369,26 @@ def _missing_paths(cfg: RunConfig, data_paths: list[str]) -> list[str]:
         problems.append(f"`train.deepspeed` file {t.deepspeed!r} does not exist; shipped ones: configs/deepspeed/*.json")
     if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
         problems.append(f"`model.init_from` {cfg.model.init_from!r} is not a directory; give a previous run directory")
+    llm = cfg.model.llm
+    models = [("llm.name_or_path", llm.name_or_path, "tiny:llm"), ("llm.tokenizer", llm.tokenizer, "")]
+    if cfg.modality == "multimodal":
+        models.append(("vision.name_or_path", cfg.model.vision.name_or_path, "tiny:vision"))
+    for key, location, tiny in models:
+        if location and _looks_local(location) and not Path(location).expanduser().exists():
+            problems.append(f"`model.{key}` {location!r} does not exist; give a local model directory, a hub id "
+                            f"(owner/name){' or ' + tiny if tiny else ''}")
     return problems
 
 
-def config_from_dict(data: dict, source: str = "config", check_paths: bool = True) -> RunConfig:
+def _looks_local(location: str) -> bool:
+    """True for what can only be a local path (absolute, ./ ../ ~, or deeper than a hub id's owner/name)."""
+    return location.startswith(("/", "./", "../", "~")) or location.count("/") > 1
+
+
+def config_from_dict(data: dict | None, source: str = "config", check_paths: bool = True) -> RunConfig:
     """Build, default and validate a `RunConfig`; raises `ConfigError` listing every problem."""
-    problems: list[str] = []
-    cfg = _from_dict(RunConfig, data, "", problems)
-    if problems:  # type errors make cross-field checks unreliable: report what we have
-        raise ConfigError(problems, source)
+    # Type errors make cross-field checks unreliable: they are reported first, on their own.
+    cfg = validate_data(RunConfig, data if data is not None else {}, source)
     cfg.resolve_defaults()
     problems = validate(cfg, check_paths)
     if problems:
@@ -460,10 +401,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_path
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
+    data = load_yaml_file(path)
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of keys"], str(path))
     apply_overrides(data, overrides or [])
@@ -472,7 +412,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_path
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (read back by `load_saved_config`)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(dump_yaml(to_dict(cfg)))
 
 
 def load_saved_config(run_dir: str | Path) -> RunConfig:
@@ -480,9 +420,6 @@ def load_saved_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError([f"{path} does not exist; is {run_dir} a llava-kit run directory?"], str(run_dir))
-    problems: list[str] = []
-    cfg = _from_dict(RunConfig, yaml.safe_load(path.read_text()), "", problems)
-    if problems:
-        raise ConfigError(problems, str(path))
+    cfg = validate_data(RunConfig, load_yaml_file(path), str(path))
     cfg.resolve_defaults()
     return cfg

@@ -1,11 +1,9 @@
-"""Score a model on held-out questions through the chat code path.
+"""Score a model on held-out questions through the generation service.
 
-    llava-kit eval --model DIR --data eval.jsonl --image-root images/
+    llava-kit eval --model DIR --data eval.jsonl --image-root images/ [--scorer auto|exact|shapes]
 
-Each line of the JSONL is one question: `{"image", "question", ...}` with either the shapes-task
-fields (`kind`, `shape`, `color`, `background`; scored by `shapes.score_answer`) or an `answer`
-(scored as a case-insensitive match of the whole answer). Prints per-kind accuracy and, last,
-`accuracy: X.XX`.
+Each line of the JSONL is one question: `{"image" (optional), "question", ...}` plus what its scorer needs
+(llava_kit/scoring.py). Prints per-kind accuracy and, last, `accuracy: X.XX`.
 """
 
 from __future__ import annotations
@@ -17,67 +15,70 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llava_kit.data.images import resolve_image_path
-from llava_kit.data.shapes import ShapeSpec, score_answer
-from llava_kit.errors import DataError
-from llava_kit.serve.chat import ChatSession, GenerationSettings, answer_batch, answer_once
+from llava_kit.data.images import load_image, resolve_image_path
+from llava_kit.data.templates import IMAGE_TOKEN
+from llava_kit.errors import DataError, PathNotFoundError
+from llava_kit.inference.sampling import SamplingParams
+from llava_kit.inference.service import GenerationRequest, GenerationService
+from llava_kit.scoring import choose_scorer
 
 logger = logging.getLogger(__name__)
 
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
-
-
-def score_record(record: dict, answer: str) -> bool:
-    """True when `answer` is right for the record (shapes fields, or an exact `answer`)."""
-    if "shape" in record and "color" in record:
-        spec = ShapeSpec(shape=record["shape"], color=record["color"], width=0, height=0,
-                         background=record.get("background", "white"))
-        return score_answer(record.get("kind", "describe"), answer, spec)
-    return _normalise(answer) == _normalise(record["answer"])
-
-
 def read_eval_records(path: str | Path) -> list[dict]:
+    """The records of an eval JSONL file (one JSON object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PathNotFoundError(f"eval data {str(path)!r} does not exist")
     records = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
-        if "question" not in record or not ({"answer"} <= record.keys() or {"shape", "color"} <= record.keys()):
-            raise DataError(f"{path}:{line_no}: an eval record needs `question` and `answer` (or shape/color)")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+            raise DataError(f"{path}:{line_no}: an eval record is an object with a `question` string")
         records.append(record)
     return records
 
 
-def evaluate(model, tokenizer, settings, records: list[dict], image_root: str | Path,
-             max_new_tokens: int = 32, predictions_path: str | Path | None = None,
-             batch_size: int = 32) -> dict[str, float]:
+def evaluate(service: GenerationService, records: list[dict], image_root: str | Path, max_new_tokens: int = 32,
+             predictions_path: str | Path | None = None, batch_size: int = 32,
+             scorer: str = "auto") -> dict[str, float]:
     """Answer every record in a fresh conversation; returns accuracy per kind and overall ("all").
 
     Questions are answered `batch_size` at a time (greedy; the same answers as one by one).
     """
-    session = ChatSession(model, tokenizer, settings, GenerationSettings(max_new_tokens=max_new_tokens))
-    right, total = defaultdict(int), defaultdict(int)
-    rows, answers = [], []
+    scorer_name, score = choose_scorer(records, scorer)
+    logger.info("eval: %d questions, scorer %s", len(records), scorer_name)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    answers: list[str] = []
     progress = tqdm(total=len(records), desc="eval", unit="q", dynamic_ncols=True)
     for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        questions = [(str(resolve_image_path(r["image"], image_root)) if r.get("image") else None, r["question"])
-                     for r in chunk]
-        answers += answer_batch(session, questions) if batch_size > 1 else [answer_once(session, *questions[0])]
-        progress.update(len(chunk))
+        requests = [GenerationRequest(_prompt(service, record, image_root), params)
+                    for record in records[start:start + batch_size]]
+        answers += [completion.text for completion in service.generate(requests)]
+        progress.update(len(requests))
     progress.close()
+    right, total, rows = defaultdict(int), defaultdict(int), []
     for record, answer in zip(records, answers, strict=True):
-        ok = score_record(record, answer)
-        kind = record.get("kind", "all")
-        for key in {kind, "all"}:
+        ok = score(record, answer)
+        for key in {record.get("kind", "all"), "all"}:
             right[key] += ok
             total[key] += 1
         rows.append({**record, "prediction": answer, "correct": ok})
     if predictions_path:
         Path(predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {k: right[k] / total[k] for k in total}
+
+
+def _prompt(service: GenerationService, record: dict, image_root: str | Path):
+    """One question in a fresh conversation, its image first (as `llava-kit chat --image` asks it)."""
+    if not record.get("image"):
+        return service.prepare([{"role": "user", "content": record["question"]}])
+    image = load_image(resolve_image_path(record["image"], image_root))
+    return service.prepare([{"role": "user", "content": f"{IMAGE_TOKEN}\n{record['question']}"}], [image])
 
 
 def format_report(accuracy: dict[str, float], counts: dict[str, int] | None = None) -> str:

@@ -22,7 +22,7 @@ def _isolated_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from llava_kit.data.encode import add_image_token
-    from llava_kit.model.tiny import build_tiny_tokenizer
+    from llava_kit.testing.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(1024)
     add_image_token(tokenizer)
@@ -32,6 +32,6 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """`{vision, llm}` directories of tiny random models saved like real checkpoints."""
-    from llava_kit.model.tiny import init_tiny
+    from llava_kit.testing.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("tiny"))

@@ -62,12 +62,10 @@ def check_text_records(paths: list[str], data, stage: str, tokenizer=None) -> tu
     With a tokenizer (from a config) the records are also encoded like training does, so over-long and fully
     masked conversations are found too; without one only the readers run.
     """
-    from dataclasses import replace
-
     from llava_kit.data.text import dataset_specs, encode_dataset, iter_records
     from llava_kit.data.text_formats import read_conversation_records
 
-    data = replace(data, path=list(paths), datasets=[], packing=False)
+    data = data.model_copy(update={"path": list(paths), "datasets": [], "packing": False})
     valid, bad = 0, []
     for spec in dataset_specs(data):
         if tokenizer is not None:

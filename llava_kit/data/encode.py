@@ -18,6 +18,8 @@ from llava_kit.data.templates import IMAGE_TOKEN, render
 from llava_kit.errors import DataError
 
 IGNORE_INDEX = -100
+NO_IMAGE_TOKEN = -1
+"""The image token id of text-only models: no token has it, so no text is ever treated as an image."""
 
 
 class EncodeError(DataError):
@@ -75,11 +77,12 @@ def _truncate(ids: list[int], labels: list[int], image_token_id: int, max_seq_le
 
 
 def encode_messages(messages: list[dict], tokenizer, template: str, image_token_id: int, tokens_per_image: int,
-                    max_seq_len: int, n_images: int = 0, system_prompt: str | None = None,
+                    max_seq_len: int | None, n_images: int = 0, system_prompt: str | None = None,
                     add_generation_prompt: bool = False) -> Encoded:
     """Tokenize one conversation for training (or, with add_generation_prompt, for chat).
 
     `n_images` is how many images the sample carries; it must equal the number of `<image>` tags.
+    `max_seq_len` None never truncates (prompts at inference: the caller checks the model's position limit).
     Raises EncodeError with the reason when the sample is unusable.
     """
     rendered = render(messages, tokenizer, template, system_prompt, add_generation_prompt)
@@ -91,7 +94,7 @@ def encode_messages(messages: list[dict], tokenizer, template: str, image_token_
         raise EncodeError(f"{found} `<image>` tag(s) in the text but {n_images} image(s) in the record")
     ids, labels = _expand_images(ids, labels, image_token_id, tokens_per_image)
 
-    truncated = len(ids) > max_seq_len
+    truncated = max_seq_len is not None and len(ids) > max_seq_len
     if truncated:
         ids, labels = _truncate(ids, labels, image_token_id, max_seq_len)
         n_images = ids.count(image_token_id) // tokens_per_image

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llava_kit.config import TEMPLATE_NAMES
 from llava_kit.errors import DataError
 
 IMAGE_TOKEN = "<image>"
-TEMPLATE_NAMES = ("plain", "vicuna_v1", "chatml", "tokenizer")
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from llava_kit.config import DataConfig, looks_like_hub_name
 from llava_kit.data.dataset import BadRecordError, DataReport, reject
-from llava_kit.data.encode import EncodeError, encode_messages
+from llava_kit.data.encode import NO_IMAGE_TOKEN, EncodeError, encode_messages
 from llava_kit.data.formats import BadRecord
 from llava_kit.data.packing import pack_examples
 from llava_kit.data.text_formats import iter_file_records, read_conversation_records
@@ -33,9 +33,6 @@ from llava_kit.data.token_cache import EncodedExamples, TokenCache, cache_key, f
 from llava_kit.errors import DataError, PathNotFoundError
 
 logger = logging.getLogger(__name__)
-
-NO_IMAGE_TOKEN = -1  # text stages have no `<image>` token: no id matches, so no text is treated as an image
-
 
 @dataclass
 class DatasetSpec:
@@ -121,7 +118,7 @@ def _encode_sft(spec: DatasetSpec, tokenizer, data: DataConfig) -> EncodedExampl
     ids_rows, label_rows = [], []
     for sample in samples:
         try:
-            enc = encode_messages(sample.messages, tokenizer, data.template, NO_IMAGE_TOKEN, 0, max_seq_len=10**9,
+            enc = encode_messages(sample.messages, tokenizer, data.template, NO_IMAGE_TOKEN, 0, max_seq_len=None,
                                   system_prompt=data.system_prompt)
             if len(enc.input_ids) > data.max_seq_len:  # cutting an answer would teach answers that stop mid-way
                 raise EncodeError(f"over-long: {len(enc.input_ids)} tokens > data.max_seq_len {data.max_seq_len}")

@@ -24,10 +24,10 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from llava_kit.config import CONVERSATION_FORMATS
 from llava_kit.data.formats import BadRecord, Sample
 from llava_kit.errors import DataError, RecordError
 
-CONVERSATION_FORMATS = ("alpaca", "sharegpt", "openai", "moss", "llava")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from llava_kit.model.tiny import TinyLLMSpec, TinyVisionSpec
+from llava_kit.testing.tiny import TinyLLMSpec, TinyVisionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +142,9 @@ def prepare_shapes(recipe: DemoRecipe, workdir: str | Path, timings: dict | None
     import torch
 
     from llava_kit.config import load_config
-    from llava_kit.data.shapes import write_shapes_dataset
+    from llava_kit.demo.shapes import write_shapes_dataset
     from llava_kit.demo.tower_warmup import labels_from_caption, warm_up_tower
-    from llava_kit.model.tiny import init_tiny
+    from llava_kit.testing.tiny import init_tiny
     from llava_kit.train.engine import train
 
     workdir = Path(workdir).resolve()
@@ -169,7 +169,7 @@ def prepare_shapes(recipe: DemoRecipe, workdir: str | Path, timings: dict | None
     with _stage("text-pt", timings):
         logger.info("the tiny random LLM first learns the training captions as plain text, standing in for a "
                     "real LLM's language pretraining")
-        text_pt_dir = train(load_config(configs["text-pt"]))
+        text_pt_dir = train(load_config(configs["text-pt"]), overwrite=True)  # the demo owns its workdir
     return {**data, "vision": models["vision"], "llm": text_pt_dir / "llm", "configs": configs}
 
 
@@ -178,7 +178,9 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     """Run the whole demo; prints the eval report (last line `accuracy: X.XX`) to `results` (stdout)."""
     from llava_kit.config import load_config
     from llava_kit.eval import evaluate, format_report, read_eval_records
-    from llava_kit.export.merge import load_for_inference, merge_run
+    from llava_kit.export.merge import merge_run
+    from llava_kit.inference import GenerationService
+    from llava_kit.loader import open_model_dir
     from llava_kit.train.engine import train
 
     recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
@@ -188,16 +190,16 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     prepared = prepare_shapes(recipe, workdir, timings)
     configs = prepared["configs"]
     with _stage("pretrain", timings):
-        train(load_config(configs["pretrain"]))
+        train(load_config(configs["pretrain"]), overwrite=True)
     with _stage("sft", timings):
-        sft_dir = train(load_config(configs["sft"]))
+        sft_dir = train(load_config(configs["sft"]), overwrite=True)
     with _stage("merge", timings):
         merged = merge_run(sft_dir, workdir / "merged")
     with _stage("eval", timings):
-        model, tokenizer, settings = load_for_inference(merged)
+        service = GenerationService.from_loaded(open_model_dir(merged))
         eval_records = read_eval_records(prepared["eval"])
-        accuracy = evaluate(model, tokenizer, settings, eval_records, prepared["images"], max_new_tokens=24,
-                            predictions_path=workdir / "eval_predictions.jsonl")
+        accuracy = evaluate(service, eval_records, prepared["images"], max_new_tokens=24,
+                            predictions_path=workdir / "eval_predictions.jsonl", scorer="shapes")
     summary = {"accuracy": accuracy, "timings_s": {k: round(v, 1) for k, v in timings.items()},
                "recipe": asdict(recipe)}
     (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2))

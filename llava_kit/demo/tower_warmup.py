@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from llava_kit.data.images import load_image, prepare_image
-from llava_kit.data.shapes import COLORS, SHAPES
+from llava_kit.demo.shapes import COLORS, SHAPES
 from llava_kit.model.vision import build_vision_tower
 
 logger = logging.getLogger(__name__)

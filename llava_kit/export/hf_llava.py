@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from llava_kit.data.jinja_templates import jinja_template
 from llava_kit.data.templates import IMAGE_TOKEN
 from llava_kit.errors import ExportError, UsageError
-from llava_kit.export.chat_templates import jinja_template
 from llava_kit.model.llava import LlavaModel, causal_lm_of
 from llava_kit.model.projectors import LinearProjector, MlpGeluProjector
 
@@ -114,7 +114,7 @@ def to_hf_llava(model: LlavaModel, tokenizer, settings, out_dir: str | Path) -> 
     """Write `model` (LoRA already folded in) as a llava-hf directory with processor and generation config."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from llava_kit.serve.chat import stop_token_ids
+    from llava_kit.inference.service import stop_token_ids
 
     check_exportable(model)
     tower, llm = model.vision_tower, causal_lm_of(model.language_model)
@@ -154,13 +154,18 @@ def to_hf_llava(model: LlavaModel, tokenizer, settings, out_dir: str | Path) -> 
     return out_dir
 
 
-def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "hf-llava") -> Path:
+def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "hf-llava",
+                 trust_remote_code: bool = False) -> Path:
     """Export a merged model or run directory to `fmt` (only "hf-llava")."""
-    from llava_kit.export.merge import load_for_inference
+    from llava_kit.loader import open_model_dir
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
-    model, tokenizer, settings = load_for_inference(model_dir)
+    loaded = open_model_dir(model_dir, trust_remote_code=trust_remote_code)
+    if not loaded.modality.has_images:
+        raise ExportError(f"{model_dir} is a text-only model; hf-llava holds vision-language models. A merged text "
+                          "run is already a transformers model directory: load it with AutoModelForCausalLM")
+    model, tokenizer, settings = loaded.model, loaded.tokenizer, loaded.settings
     check_exportable(model)  # before folding LoRA: fail fast
     if hasattr(model.language_model, "merge_and_unload"):
         model.language_model = model.language_model.merge_and_unload()

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from llava_kit.model.llava import causal_lm_of
 
@@ -34,11 +35,17 @@ _DEFAULTS = GenerationConfig._get_default_generation_params()  # what generate a
 _reported: set[str] = set()  # fallback reasons already logged
 
 
+StepHook = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""Called after each decoding step with that step's tokens [batch]; returns None, or a bool tensor [batch] of rows
+that must stop now (their token of this step is kept; later steps pad them). Cancellation, per-row token budgets
+and stop strings are built on it (llava_kit/inference/service.py)."""
+
+
 def generate(language_model, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int, min_new_tokens: int = 0,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, streamer=None,
-             **hf_kwargs) -> torch.Tensor:
+             on_step: StepHook | None = None, **hf_kwargs) -> torch.Tensor:
     """Decode up to `max_new_tokens` after a prompt; returns only the new tokens [batch, n_new].
 
     language_model: a transformers causal LM, or a peft model wrapping one.
@@ -51,6 +58,7 @@ def generate(language_model, *, input_ids: torch.Tensor | None = None, inputs_em
     does) from torch's global RNG; otherwise greedy.
     streamer: a transformers streamer; it gets the prompt first (as from generate), then each step's
     tokens [batch], then `end()`.
+    on_step: see StepHook; decoding ends when every row has stopped, by a stop token or by the hook.
     Other keyword arguments (num_beams, ...) are passed to transformers' generate, which then decodes.
     """
     if (input_ids is None) == (inputs_embeds is None):
@@ -59,8 +67,8 @@ def generate(language_model, *, input_ids: torch.Tensor | None = None, inputs_em
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be above 0 when sampling, got {temperature}")
-    if do_sample and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if do_sample and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
     lm = causal_lm_of(language_model)
     config = lm.generation_config
     stops = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
@@ -76,6 +84,8 @@ def generate(language_model, *, input_ids: torch.Tensor | None = None, inputs_em
             logger.warning("decoding with transformers' generate (slower): %s", reason)
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         prompt = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
+        if on_step is not None:
+            hf_kwargs["stopping_criteria"] = StoppingCriteriaList([_HookCriteria(on_step)])
         output = language_model.generate(**prompt, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                          min_new_tokens=min_new_tokens, do_sample=do_sample, eos_token_id=stops,
                                          pad_token_id=pad_token_id, streamer=streamer, **sampling, **hf_kwargs)
@@ -111,6 +121,10 @@ def generate(language_model, *, input_ids: torch.Tensor | None = None, inputs_em
             new_tokens.append(token)
             if streamer is not None:
                 streamer.put(token.cpu())
+            if on_step is not None:
+                stop_rows = on_step(token)
+                if stop_rows is not None:
+                    unfinished &= ~stop_rows.to(device)
             if step == max_new_tokens - 1 or not bool(unfinished.any()):
                 break
             if attention_mask is not None:  # the new token is real in every row
@@ -121,6 +135,18 @@ def generate(language_model, *, input_ids: torch.Tensor | None = None, inputs_em
         if streamer is not None:
             streamer.end()
     return torch.stack(new_tokens, dim=1)  # [batch, n_new]
+
+
+class _HookCriteria(StoppingCriteria):
+    """A StepHook as transformers' stopping criterion, for models that decode with `generate`."""
+
+    def __init__(self, on_step: StepHook):
+        self.on_step = on_step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        stop_rows = self.on_step(input_ids[:, -1])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device) if stop_rows is None \
+            else stop_rows.to(input_ids.device)
 
 
 def _sample(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

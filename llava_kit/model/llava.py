@@ -1,18 +1,44 @@
-"""The composite model: vision tower -> multi-modal projector -> causal LM.
+"""The composite model: vision tower -> multi-modal projector -> causal LM, as a transformers `PreTrainedModel`.
 
-Names follow transformers' `modeling_llava.py` (`vision_tower`, `multi_modal_projector`,
-`language_model`, `get_image_features`, `get_placeholder_mask`), so exporting to the llava-hf
-format is a renaming. Each `<image>` in `input_ids` has already been expanded by the tokenizer
-step to `tokens_per_image` placeholder positions; the projector's output is scattered into them.
+    model = LlavaModel.from_parts(tower, projector, llm, image_token_id)      # training: pretrained parts
+    model.save_pretrained(out_dir)                                           # config.json + model.safetensors
+    model = LlavaModel.from_pretrained(out_dir)                              # or AutoModel.from_pretrained
+
+Names follow transformers' `modeling_llava.py` (`vision_tower`, `multi_modal_projector`, `language_model`,
+`get_image_features`, `get_placeholder_mask`), so exporting to the llava-hf format is a renaming. Each `<image>`
+in `input_ids` has already been expanded by the tokenizer step to `tokens_per_image` placeholder positions; the
+projector's output is scattered into them.
+
+`LlavaKitConfig` (model_type "llava_kit") holds what rebuilds the architecture without any other file: the
+tower's description (`VisionTower.to_config()`: a transformers vision config and image-processor settings, or an
+open_clip architecture), the projector's constructor arguments, the LLM's config as `text_config` and the image
+token id. How the model is prompted and what it was trained with live beside it in llava_kit.json
+(llava_kit/store/merged.py).
+Importing `llava_kit.model` registers both classes with transformers' Auto classes (no remote code), so
+`AutoModel.from_pretrained(merged_dir)` works once llava_kit is imported.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
 from torch import nn
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.configuration_utils import SubConfigSpec
 
 from llava_kit.data.encode import IGNORE_INDEX
+
+MODEL_TYPE = "llava_kit"
+FORMAT_VERSION = 1
+"""Version of the composite's config.json layout (`llava_kit_format`); readers refuse newer ones."""
 
 
 def causal_lm_of(language_model):
@@ -20,20 +46,108 @@ def causal_lm_of(language_model):
     return language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
 
 
-class LlavaModel(nn.Module):
+@strict
+class LlavaKitConfig(PreTrainedConfig):
+    """Configuration of `LlavaModel`: the three parts' architectures plus the image token and prompting settings."""
+
+    model_type = MODEL_TYPE
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    """The causal LM's config (any family transformers knows)."""
+    vision: dict | None = None
+    """The vision tower's architecture and preprocessing (`VisionTower.to_config()`)."""
+    projector: dict | None = None
+    """The projector's constructor arguments: name, options, vision_width, llm_width, grid, has_cls."""
+    image_token_id: int = -1
+    """Id of `<image>` in the tokenizer; each one is expanded to the projector's token count."""
+    llava_kit_format: int = FORMAT_VERSION
+    """Layout version of this config; a newer one is refused by older llava-kit with a clear message."""
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The LLM ties its own embeddings (or not); the composite adds no tying of its own.
+        self.tie_word_embeddings = False
+
+
+class LlavaModel(PreTrainedModel):
     """Vision tower + projector + language model, trained and served as one module."""
+
+    config_class = LlavaKitConfig
+    config: LlavaKitConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     # Tells the HF Trainer that forward() takes `num_items_in_batch` (the supervised tokens of the whole
     # accumulated, all-process batch) and returns sum / num_items_in_batch, as transformers' causal LMs do.
     accepts_loss_kwargs = True
 
-    def __init__(self, vision_tower: nn.Module, multi_modal_projector: nn.Module, language_model: nn.Module,
-                 image_token_id: int):
-        super().__init__()
-        self.vision_tower = vision_tower
+    def __init__(self, config: LlavaKitConfig, vision_tower: nn.Module | None = None,
+                 multi_modal_projector: nn.Module | None = None, language_model: nn.Module | None = None):
+        """Build the three parts from `config` (random weights: `from_pretrained` loads them), or take them given.
+
+        Parts given are pretrained modules (`from_parts`): they are marked initialised, so the weight
+        initialisation that `post_init` runs never touches them.
+        """
+        from llava_kit.model.projectors import build_projector
+        from llava_kit.model.vision import vision_tower_from_config
+
+        super().__init__(config)
+        given = [m for m in (vision_tower, multi_modal_projector, language_model) if m is not None]
+        for part in given:
+            for module in part.modules():
+                module._is_hf_initialized = True
+        self.vision_tower = vision_tower if vision_tower is not None else vision_tower_from_config(config.vision)
+        if multi_modal_projector is None:
+            p = config.projector
+            multi_modal_projector = build_projector(p["name"], p["vision_width"], p["llm_width"], tuple(p["grid"]),
+                                                    has_cls=p["has_cls"], **p.get("options", {}))
         self.multi_modal_projector = multi_modal_projector
-        self.language_model = language_model
-        self.image_token_id = image_token_id
+        self.language_model = language_model if language_model is not None else \
+            AutoModelForCausalLM.from_config(config.text_config)
+        self._no_split_modules = list(getattr(causal_lm_of(self.language_model), "_no_split_modules", None) or [])
+        self.post_init()
+
+    @classmethod
+    def from_parts(cls, vision_tower: nn.Module, multi_modal_projector: nn.Module, language_model: nn.Module,
+                   image_token_id: int) -> LlavaModel:
+        """The composite of pretrained parts (a tower, a projector, a causal LM), without copying any weight."""
+        projector = multi_modal_projector
+        # The LLM's own config object is the composite's text_config (one truth: resizing the embeddings updates
+        # both). Building a config resets its sub-configs' attention kernel, so the LLM's choice is put back.
+        text_config = causal_lm_of(language_model).config.get_text_config()
+        attention = text_config._attn_implementation
+        config = LlavaKitConfig(
+            text_config=text_config, vision=vision_tower.to_config(),
+            projector={"name": getattr(projector, "name", None), "options": dict(getattr(projector, "options", {})),
+                       "vision_width": projector.vision_width, "llm_width": projector.llm_width,
+                       "grid": list(projector.grid), "has_cls": projector.has_cls},
+            image_token_id=image_token_id)
+        text_config._attn_implementation_internal = attention
+        return cls(config, vision_tower, multi_modal_projector, language_model)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Only what a checkpoint does not hold: fixed buffers (e.g. the resampler's sin-cos positions).
+
+        Tower and LLM initialise themselves (transformers dispatches to their own `_init_weights`); projectors
+        initialise their parameters in their constructors.
+        """
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @image_token_id.setter
+    def image_token_id(self, value: int) -> None:
+        self.config.image_token_id = value
 
     @property
     def tokens_per_image(self) -> int:
@@ -42,6 +156,18 @@ class LlavaModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.language_model.parameters()).device  # the identity projector has no parameters
+
+    def get_input_embeddings(self) -> nn.Module:
+        return causal_lm_of(self.language_model).get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        causal_lm_of(self.language_model).set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return causal_lm_of(self.language_model).get_output_embeddings()
+
+    def get_decoder(self) -> nn.Module:
+        return causal_lm_of(self.language_model).get_decoder()
 
     def get_image_features(self, pixel_values: torch.Tensor | None = None,
                            vision_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,8 +197,7 @@ class LlavaModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features scattered into the placeholders: [batch, seq, d]."""
-        embeddings = causal_lm_of(self.language_model).get_input_embeddings()
-        inputs_embeds = embeddings(input_ids)
+        inputs_embeds = self.get_input_embeddings()(input_ids)
         images = vision_features if vision_features is not None else pixel_values
         if images is None or images.shape[0] == 0:
             if bool((input_ids == self.image_token_id).any()):
@@ -125,3 +250,62 @@ class LlavaModel(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)
         return generate(self.language_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                         **generate_kwargs)
+
+
+def is_composite_dir(path) -> bool:
+    """True for a directory holding a saved `LlavaModel` (config.json with model_type "llava_kit")."""
+    import json
+    import os
+
+    config_file = os.path.join(str(path), "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            return json.load(f).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError):
+        return False
+
+
+def load_composite_llm(path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """The causal LM inside a saved `LlavaModel` directory (only its weights are read), with its generation config:
+    a merged model's LLM can start a new run (`model.llm.name_or_path: MERGED_DIR`)."""
+    from transformers import GenerationConfig
+
+    from llava_kit.model.weights import read_prefixed_weights
+
+    config = LlavaKitConfig.from_pretrained(path)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    llm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]  # the Auto class needs a path; the class not
+    llm = llm_class.from_pretrained(None, config=config.text_config, dtype=dtype,
+                                    state_dict=read_prefixed_weights(path, "language_model."), **extra)
+    try:
+        llm.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass  # no generation_config.json: the defaults from the config
+    return llm
+
+
+def load_composite_tower(path, feature_layer, select_strategy: str):
+    """The vision tower inside a saved `LlavaModel` directory (only its weights are read), with this run's layer
+    choice: a merged model's tower can start a new run (`model.vision.name_or_path: MERGED_DIR`)."""
+    from llava_kit.model.vision import vision_tower_from_config
+    from llava_kit.model.weights import read_prefixed_weights
+
+    config = LlavaKitConfig.from_pretrained(path)
+    tower = vision_tower_from_config({**config.vision, "feature_layer": feature_layer,
+                                      "select_strategy": select_strategy})
+    tower.load_state_dict(read_prefixed_weights(path, "vision_tower."), strict=True)
+    return tower.eval()
+
+
+def register_auto_classes() -> None:
+    """Make `AutoConfig` / `AutoModel` / `AutoModelForImageTextToText` know model_type "llava_kit" (idempotent)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if MODEL_TYPE in CONFIG_MAPPING:
+        return
+    AutoConfig.register(MODEL_TYPE, LlavaKitConfig)
+    AutoModel.register(LlavaKitConfig, LlavaModel)
+    AutoModelForImageTextToText.register(LlavaKitConfig, LlavaModel)

@@ -64,12 +64,24 @@ class ResamplerProjector(Projector):
         self.ln_kv = nn.LayerNorm(llm_width)
         self.ln_post = nn.LayerNorm(llm_width)
         self.proj = nn.Parameter(llm_width ** -0.5 * torch.randn(llm_width, llm_width))
-        # Fixed positions (not saved: rebuilt from the shapes). Keys are placed in the queries' side x side frame.
-        key_pos = sincos_2d(llm_width, rows, cols, frame=(side, side))  # [rows*cols, d]
-        if has_cls:
-            key_pos = torch.cat([torch.zeros(1, llm_width), key_pos])  # the CLS token has no position
-        self.register_buffer("key_pos", key_pos, persistent=False)
-        self.register_buffer("query_pos", sincos_2d(llm_width, side, side), persistent=False)  # [Q, d]
+        # Fixed positions (not saved: rebuilt from the shapes by init_buffers).
+        self.register_buffer("key_pos", torch.empty(rows * cols + int(has_cls), llm_width), persistent=False)
+        self.register_buffer("query_pos", torch.empty(num_queries, llm_width), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the fixed sin-cos positions; also called after loading a checkpoint, which does not hold them.
+
+        Keys are placed in the queries' side x side frame; the CLS token, if any, has no position.
+        """
+        rows, cols = self.grid
+        side = square_side(self.num_output_tokens)
+        key_pos = sincos_2d(self.llm_width, rows, cols, frame=(side, side))  # [rows*cols, d]
+        if self.has_cls:
+            key_pos = torch.cat([torch.zeros(1, self.llm_width), key_pos])
+        self.key_pos = key_pos.to(self.key_pos.device)  # [(1 +) rows*cols, d]
+        self.query_pos = sincos_2d(self.llm_width, side, side).to(self.query_pos.device)  # [Q, d]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         self.check_features(features)

@@ -112,6 +112,11 @@ class VisionTower(nn.Module):
         `state_dict()`) replaces the live weights, e.g. gathered whole from ZeRO-3 partitions."""
         raise NotImplementedError
 
+    def to_config(self) -> dict:
+        """Everything `vision_tower_from_config` needs to rebuild this tower's architecture and preprocessing
+        (JSON-ready, no weights): stored in a composite model's config so `from_pretrained` can build it."""
+        raise NotImplementedError
+
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[batch, 3, image_size, image_size] -> features [batch, num_tokens, width] of `feature_layer` (a list:
         its layers side by side).
@@ -202,6 +207,12 @@ class TransformersVisionTower(VisionTower):
             yield
         finally:
             encoder.layers = layers
+
+    def to_config(self) -> dict:
+        return {"backend": "transformers", "model_config": self.vision_model.config.to_dict(),
+                "image_processor": self.image_processor.to_dict(), "has_cls": self.has_cls,
+                "feature_layer": self.feature_layer, "select_strategy": self.select_strategy,
+                "name_or_path": self.name_or_path}
 
     def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write a plain transformers checkpoint: config.json, model.safetensors, preprocessor_config.json."""
@@ -387,6 +398,12 @@ class OpenClipVisionTower(VisionTower):
         patches = torch.cat([layers[i][1] for i in self.hidden_indices], dim=-1)
         return prefix, patches
 
+    def to_config(self) -> dict:
+        return {"backend": "open_clip", "model_name": self.model_name, "model_cfg": self.model_cfg,
+                "preprocess_cfg": self.preprocess_cfg, "feature_layer": self.feature_layer,
+                "select_strategy": self.select_strategy, "name_or_path": self.name_or_path,
+                "pretrained": self.pretrained}
+
     def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write open_clip_config.json (architecture + preprocessing) and the vision weights (safetensors)."""
         os.makedirs(out_dir, exist_ok=True)
@@ -478,7 +495,6 @@ def _load_open_clip_dir(path: str, pretrained: str | None, feature_layer: int,
                         select_strategy: str) -> OpenClipVisionTower:
     """A directory with open_clip_config.json: ours (vision weights only) or open_clip's hub layout (full model)."""
     import open_clip
-    from open_clip.model import _build_vision_tower
 
     config_path = os.path.join(path, OPEN_CLIP_CONFIG)
     if not os.path.isfile(config_path):
@@ -494,10 +510,8 @@ def _load_open_clip_dir(path: str, pretrained: str | None, feature_layer: int,
     model_cfg = config["model_cfg"]
     weights_path = os.path.join(path, OPEN_CLIP_VISION_WEIGHTS)
     if os.path.isfile(weights_path):
-        # Ours: build only the image tower (open_clip's create_model would also build a text tower and warn that
-        # the model is randomly initialised), then load its weights strictly.
-        vision_cfg = {**model_cfg["vision_cfg"], "timm_model_pretrained": False}  # never fetch ImageNet weights
-        visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
+        # Ours: build only the image tower, then load its weights strictly.
+        visual = _open_clip_visual(model_cfg)
         try:
             visual.load_state_dict(load_file(weights_path), strict=True)
         except RuntimeError as err:
@@ -517,9 +531,43 @@ def _load_open_clip_dir(path: str, pretrained: str | None, feature_layer: int,
                                select_strategy=select_strategy)
 
 
+def _open_clip_visual(model_cfg: dict) -> nn.Module:
+    """open_clip's image tower for an architecture config, randomly initialised (open_clip's create_model would also
+    build a text tower and warn that the model is random)."""
+    from open_clip.model import _build_vision_tower
+
+    vision_cfg = {**model_cfg["vision_cfg"], "timm_model_pretrained": False}  # never fetch ImageNet weights
+    return _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
+
+
 # --------------------------------------------------------------------------------------------------------------
-# The entry point
+# The entry points
 # --------------------------------------------------------------------------------------------------------------
+
+def vision_tower_from_config(config: dict) -> VisionTower:
+    """The tower `VisionTower.to_config()` describes, with random weights (a composite's `from_pretrained` then loads
+    them); built on the meta device when called under `torch.device("meta")`."""
+    import transformers
+
+    backend = config.get("backend")
+    if backend == "transformers":
+        model_config = AutoConfig.for_model(**config["model_config"])
+        model_class, _, _ = TRANSFORMERS_FAMILIES[model_config.model_type]
+        processor_config = dict(config["image_processor"])
+        processor_class = getattr(transformers, processor_config.get("image_processor_type", ""), None) \
+            or CLIPImageProcessor
+        return TransformersVisionTower(model_class(model_config).eval(), processor_class.from_dict(processor_config),
+                                       name_or_path=config["name_or_path"], has_cls=config["has_cls"],
+                                       feature_layer=config["feature_layer"],
+                                       select_strategy=config["select_strategy"])
+    if backend == "open_clip":
+        return OpenClipVisionTower(_open_clip_visual(config["model_cfg"]).eval(), model_cfg=config["model_cfg"],
+                                   preprocess_cfg=config["preprocess_cfg"], model_name=config["model_name"],
+                                   name_or_path=config["name_or_path"], pretrained=config.get("pretrained"),
+                                   feature_layer=config["feature_layer"], select_strategy=config["select_strategy"])
+    raise VisionTowerError(f"unknown vision backend {backend!r} in a saved model config; this llava-kit reads "
+                           "'transformers' and 'open_clip' towers (was the model written by a newer version?)")
+
 
 def build_vision_tower(name_or_path: str, backend: str = "auto", feature_layer: int | list[int] = -2,
                        select_strategy: str = "patch", pretrained: str | None = None) -> VisionTower:

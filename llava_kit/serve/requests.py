@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_kit.data.images import ImageLoadError, load_image, prepare_image
+from llava_kit.data.images import ImageLoadError, load_image
 from llava_kit.data.templates import IMAGE_TOKEN
-from llava_kit.errors import UsageError
+from llava_kit.errors import LlavaKitError, UsageError
+from llava_kit.inference.sampling import SamplingError, SamplingParams
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(.*)", re.DOTALL)
@@ -41,17 +42,11 @@ class ChatRequest:
     pixel_values: torch.Tensor | None
     """[n_images, 3, H, W], preprocessed for the tower; None without images."""
     n_images: int
-    max_new_tokens: int
-    temperature: float
-    top_p: float
+    params: SamplingParams
     stream: bool
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
 
-
-def parse_chat_request(body: bytes, session, settings) -> ChatRequest:
+def parse_chat_request(body: bytes, service, settings) -> ChatRequest:
     """Validate a request body; decode and preprocess its images. Raises RequestError saying what to fix."""
     try:
         data = json.loads(body)
@@ -72,19 +67,28 @@ def parse_chat_request(body: bytes, session, settings) -> ChatRequest:
     canonical = [_message(m, i, images, settings) for i, m in enumerate(messages)]
     _check_turns(canonical)
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
-    max_new_tokens = settings.max_new_tokens if max_tokens is None else _number(max_tokens, "max_tokens", int, 1)
-    temperature = _number(data.get("temperature", 0.0) or 0.0, "temperature", float, 0.0)
-    top_p = _number(data.get("top_p", 1.0) if data.get("top_p") is not None else 1.0, "top_p", float, 0.0)
+    max_new_tokens = settings.max_new_tokens if max_tokens is None else max_tokens
+    if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
+        max_new_tokens = min(max_new_tokens, settings.max_new_tokens)
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=_or(data.get("temperature"), 0.0),
+                                top_p=_or(data.get("top_p"), 1.0), seed=data.get("seed"),
+                                stop=_or(data.get("stop"), ()))
+    except SamplingError as err:
+        raise RequestError(str(err), err.param) from None
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("`stream` must be true or false", "stream")
-    tower = session.model.vision_tower
-    pixel_values = None
-    if images:
-        aspect = session.settings.image_aspect
-        pixel_values = tower.preprocess([prepare_image(image, aspect, tower.image_mean) for image in images])
-    return ChatRequest(canonical, pixel_values, len(images), min(max_new_tokens, settings.max_new_tokens),
-                       temperature, top_p, stream)
+    try:
+        pixel_values = service.preprocess(images)
+    except LlavaKitError as err:  # images sent to a text-only model
+        raise RequestError(str(err), "messages") from None
+    return ChatRequest(canonical, pixel_values, len(images), params, stream)
+
+
+def _or(value, default):
+    """`value`, or `default` when the client sent null or nothing."""
+    return default if value is None else value
 
 
 def _check_turns(messages: list[dict]) -> None:
@@ -97,12 +101,6 @@ def _check_turns(messages: list[dict]) -> None:
                                "messages, turns alternate user, assistant, user, ...", "messages")
     if not turns or turns[-1] != "user":
         raise RequestError("the last message must be the user's (the one to answer)", "messages")
-
-
-def _number(value, name: str, kind: type, minimum: float):
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise RequestError(f"`{name}` must be a number >= {minimum}, got {value!r}", name)
-    return kind(value)
 
 
 def _message(message, index: int, images: list, settings) -> dict:

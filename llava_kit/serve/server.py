@@ -22,33 +22,15 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from llava_kit.errors import UsageError
+from llava_kit.inference.service import GenerationService
 from llava_kit.serve.requests import RequestError, parse_chat_request
+from llava_kit.serve.settings import ServerSettings
 from llava_kit.serve.worker import Job, ModelWorker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ServerSettings:
-    model_name: str
-    """The id `/v1/models` lists and responses carry (requests may name any model: there is only one)."""
-    api_key: str | None = None
-    """When set, requests need `Authorization: Bearer <api_key>`."""
-    max_body_bytes: int = 20 * 1024 * 1024
-    """Larger request bodies are refused (413) without being read."""
-    max_images: int = 8
-    """Most images in one request."""
-    max_new_tokens: int = 512
-    """Default and ceiling of `max_tokens`."""
-    max_batch_size: int = 8
-    """Most queued greedy requests generated together."""
-    allow_remote_images: bool = False
-    """Fetch `http(s)://` image URLs (off: only data URLs, so the server fetches nothing on a client's behalf)."""
-    created: int = field(default_factory=lambda: int(time.time()))
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -137,7 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         try:
-            request = parse_chat_request(body, self.server.worker.session, self.settings)
+            request = parse_chat_request(body, self.server.worker.service, self.settings)
         except RequestError as err:
             self._send_json(400, error_body(str(err), param=err.param))
             return
@@ -212,12 +194,16 @@ class LlavaServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
 
-def start_server(session, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> LlavaServer:
-    """Start the model worker and an HTTP server on (host, port) in background threads; returns the server.
+def start_server(service: GenerationService, settings: ServerSettings, host: str | None = None,
+                 port: int | None = None) -> LlavaServer:
+    """Start the model worker and an HTTP server in background threads; returns the server.
 
-    `port=0` picks a free port (`server.url` says which). Stop with `server.shutdown(); server.worker.stop()`.
+    It listens on `host` and `port`, by default the settings'; `port=0` picks a free port (`server.url` says
+    which). Stop with `server.shutdown(); server.worker.stop()`.
     """
-    worker = ModelWorker(session, settings.max_batch_size)
+    host = settings.host if host is None else host
+    port = settings.port if port is None else port
+    worker = ModelWorker(service, settings.max_batch_size)
     try:
         server = LlavaServer((host, port), worker, settings)
     except OSError as err:
@@ -228,16 +214,17 @@ def start_server(session, settings: ServerSettings, host: str = "127.0.0.1", por
     return server
 
 
-def serve(model_dir: str, settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load `model_dir` and serve it until interrupted (the `llava-kit serve` command)."""
+def serve(model_dir: str, settings: ServerSettings | None = None, trust_remote_code: bool = False) -> None:
+    """Load `model_dir` and serve it until interrupted at the settings' host and port (`llava-kit serve`)."""
     from pathlib import Path
 
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession
+    from llava_kit.loader import open_model_dir
 
-    model, tokenizer, inference = load_for_inference(model_dir)
-    settings = settings or ServerSettings(model_name=Path(model_dir).resolve().name)
-    server = start_server(ChatSession(model, tokenizer, inference), settings, host, port)
+    service = GenerationService.from_loaded(open_model_dir(model_dir, trust_remote_code=trust_remote_code))
+    settings = settings or ServerSettings()
+    if not settings.model_name:
+        settings = settings.model_copy(update={"model_name": Path(model_dir).resolve().name})
+    server = start_server(service, settings)
     logger.info("serving %s as %r at %s (POST /chat/completions, GET /models)%s", model_dir, settings.model_name,
                 server.url, "; API key required" if settings.api_key else "")
     try:

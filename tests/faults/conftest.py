@@ -1,18 +1,16 @@
-"""Fixtures for the fault-injection tests: the data_gen tests' helpers, a stub server, caption in this process."""
+"""Fault tests train tiny runs like the integration tests (the same fixtures), and caption against the stub
+server with the data_gen tests' helpers."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_gen"))  # dg_support: shared with tests/data_gen
-
-from dg_support import API_KEY, Result  # noqa: E402
-
-from data_gen.testing.stub_server import StubServer  # noqa: E402
+from data_gen.testing.stub_server import StubServer
+from tests.data_gen.dg_support import API_KEY, Result
+from tests.integration.conftest import make_config  # noqa: F401 (a fixture, used by name)
 
 
 @pytest.fixture

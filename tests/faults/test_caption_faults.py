@@ -18,9 +18,17 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from dg_support import PYTHON, REPO, communicate, fast_args, make_images, popen, read_jsonl, subprocess_env
-
 from data_gen.testing.stub_server import StubServer
+from tests.data_gen.dg_support import (
+    PYTHON,
+    REPO,
+    communicate,
+    fast_args,
+    make_images,
+    popen,
+    read_jsonl,
+    subprocess_env,
+)
 
 N_IMAGES = 40
 CONCURRENCY = 4

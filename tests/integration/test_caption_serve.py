@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from llava_kit.cli import main
-from llava_kit.data.shapes import COLORS, SHAPES, draw_spec, random_spec, score_answer
+from llava_kit.demo.shapes import COLORS, SHAPES, draw_spec, random_spec, score_answer
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-caption-test"
@@ -24,9 +24,9 @@ KEY = "sk-caption-test"
 
 def caption_fresh_shapes(model_dir: Path, workdir: Path, n: int = 48, seed: int = 7) -> dict:
     """Serve `model_dir`, caption `n` fresh shapes images through `llava-kit caption`; returns the scores."""
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession
+    from llava_kit.inference import GenerationService
     from llava_kit.serve.server import ServerSettings, start_server
+    from tests.support import open_for_chat
 
     rng = random.Random(seed)
     folder = workdir / "fresh"
@@ -38,8 +38,8 @@ def caption_fresh_shapes(model_dir: Path, workdir: Path, n: int = 48, seed: int 
         specs[f"{i:03d}.png"] = spec
     prompt = workdir / "prompt.txt"
     prompt.write_text("Describe the image.")
-    model, tokenizer, settings = load_for_inference(model_dir)
-    server = start_server(ChatSession(model, tokenizer, settings), ServerSettings("shapes", api_key=KEY), port=0)
+    model, tokenizer, settings = open_for_chat(model_dir)
+    server = start_server(GenerationService(model, tokenizer, settings), ServerSettings(model_name="shapes", api_key=KEY), port=0)
     out = workdir / "captions.jsonl"
     try:
         os.environ["OPENAI_API_KEY"] = KEY
@@ -85,17 +85,17 @@ def test_served_demo_model_answers_like_chat_concurrently_and_streamed(demo_mode
 
     import openai
 
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession, GenerationSettings, answer_once
+    from llava_kit.inference import ChatSession, GenerationService, SamplingParams, answer_once
     from llava_kit.serve.server import ServerSettings, start_server
+    from tests.support import open_for_chat
 
-    model, tokenizer, settings = load_for_inference(demo_model)
-    session = ChatSession(model, tokenizer, settings, GenerationSettings(max_new_tokens=32))
+    model, tokenizer, settings = open_for_chat(demo_model)
+    session = ChatSession(model, tokenizer, settings, SamplingParams(max_new_tokens=32))
     questions = ["What shape is in the image?", "What color is the shape?", "Describe the image."]
     images = sorted((demo_model.parent / "data" / "images" / "eval").glob("*.png"))[:30]
     jobs = [(image, questions[i % 3]) for i, image in enumerate(images)]
     expected = [answer_once(session, str(image), question) for image, question in jobs]
-    server = start_server(ChatSession(model, tokenizer, settings), ServerSettings("shapes"), port=0)
+    server = start_server(GenerationService(model, tokenizer, settings), ServerSettings(model_name="shapes"), port=0)
     client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
 
     def ask(image, question, **kwargs):

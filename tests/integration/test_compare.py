@@ -102,10 +102,10 @@ def test_shipped_comparison_config_is_valid(tmp_path):
     from llava_kit.model.projectors import build_projector
 
     compare = load_compare_config(REPO / "configs/tiny/compare_projectors.yaml")
-    recipe = DemoRecipe(**compare["shapes"])
+    recipe = DemoRecipe(**compare.shapes)
     side = recipe.vision.image_size // recipe.vision.patch_size
-    for name in compare["projectors"]:
-        options = compare["projector_options"].get(name, {})
+    for name in compare.projectors:
+        options = compare.projector_options.get(name, {})
         projector = build_projector(name, recipe.vision.hidden_size, recipe.llm.hidden_size, (side, side), **options)
         assert projector.num_output_tokens <= side * side
         pretrain = {"model": {"vision": {"name_or_path": "v"}, "llm": {"name_or_path": "l"}},

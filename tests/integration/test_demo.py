@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_kit.data.shapes import COLORS, QUESTIONS, SHAPES, ShapeSpec, draw_spec, random_spec, score_answer
+from llava_kit.demo.shapes import COLORS, QUESTIONS, SHAPES, ShapeSpec, draw_spec, random_spec, score_answer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -111,8 +111,8 @@ def test_tokenised_multimodal_data_is_cached_and_keyed_by_content(make_config, t
     """Tokenisation done once: a rerun reads the examples and the report back; an edited file misses."""
     import logging
 
+    from llava_kit.data.multimodal import build_dataset
     from llava_kit.model.build import build_llava
-    from llava_kit.train.engine import build_dataset
 
     data = tmp_path / "sft.json"
     records = json.loads((SHAPES / "sft.json").read_text())
@@ -121,7 +121,7 @@ def test_tokenised_multimodal_data_is_cached_and_keyed_by_content(make_config, t
     cfg = make_config("tok", stage="sft", **{"data.path": str(data)})
     model, tokenizer = build_llava(cfg.model)
     first = build_dataset(cfg, model, tokenizer)
-    with caplog.at_level(logging.INFO, logger="llava_kit.train.engine"):
+    with caplog.at_level(logging.INFO, logger="llava_kit.data.multimodal"):
         second = build_dataset(cfg, model, tokenizer)
     assert "token cache" in caplog.text
     assert [e.input_ids for e in second.examples] == [e.input_ids for e in first.examples]
@@ -132,6 +132,6 @@ def test_tokenised_multimodal_data_is_cached_and_keyed_by_content(make_config, t
 
     data.write_text(json.dumps(records[:-1]))  # edited data: a miss, re-encoded
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="llava_kit.train.engine"):
+    with caplog.at_level(logging.INFO, logger="llava_kit.data.multimodal"):
         third = build_dataset(cfg, model, tokenizer)
     assert "token cache" not in caplog.text and len(third) == len(first) - 1

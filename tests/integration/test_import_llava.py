@@ -21,8 +21,8 @@ from transformers import (
 
 from llava_kit.cli import main
 from llava_kit.data.encode import add_image_token
-from llava_kit.export.import_llava import CheckpointImportError, load_original_llava
-from llava_kit.export.merge import load_for_inference
+from llava_kit.store.foreign import CheckpointImportError, load_original_llava
+from tests.support import open_for_chat
 
 VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
           "intermediate_size": 64}
@@ -69,7 +69,7 @@ def test_hf_llava_import_then_export_round_trips_every_weight(family, strategy, 
 
 def test_a_llava_hf_directory_chats_directly_with_the_same_logits(tiny_dirs, tmp_path):
     source = make_hf_llava(tmp_path / "hf", tiny_dirs)
-    model, tokenizer, settings = load_for_inference(source)  # what `chat --model DIR` and `serve` call
+    model, tokenizer, settings = open_for_chat(source)  # what `chat --model DIR` and `serve` call
     assert settings.template == "tokenizer"
     hf = LlavaForConditionalGeneration.from_pretrained(source).eval()
     input_ids = torch.tensor([[5, 6] + [model.image_token_id] * model.tokens_per_image + [7, 8, 9]])
@@ -82,13 +82,13 @@ def test_a_llava_hf_directory_chats_directly_with_the_same_logits(tiny_dirs, tmp
 
 def test_export_then_import_restores_the_inference_settings(tiny_dirs, tmp_path):
     from llava_kit.export.hf_llava import to_hf_llava
-    from llava_kit.export.merge import InferenceSettings
+    from llava_kit.store.specs import InferenceSettings
 
     source = make_hf_llava(tmp_path / "hf", tiny_dirs)
-    model, tokenizer, _ = load_for_inference(source)
+    model, tokenizer, _ = open_for_chat(source)
     settings = InferenceSettings("chatml", "Answer in one word.", "pad", 300)
     to_hf_llava(model, tokenizer, settings, tmp_path / "export")
-    assert load_for_inference(tmp_path / "export")[2] == settings
+    assert open_for_chat(tmp_path / "export")[2] == settings
 
 
 def make_original_llava(out, tiny_dirs, projector="mlp2x_gelu"):
@@ -128,7 +128,7 @@ def test_original_llava_imports_and_starts_an_sft_run(tiny_dirs, tmp_path, make_
     from llava_kit.train.engine import train
 
     cfg = make_config("sft_from_import", stage="sft", **{
-        "model.vision.name_or_path": str(out / "vision"), "model.llm.name_or_path": str(out / "llm"),
+        "model.vision.name_or_path": str(out), "model.llm.name_or_path": str(out),
         "model.init_from": str(out), "data.template": "vicuna_v1", "train.max_steps": 1})
     run_dir = train(cfg)
     assert (run_dir / "projector.safetensors").is_file()
@@ -137,6 +137,6 @@ def test_original_llava_imports_and_starts_an_sft_run(tiny_dirs, tmp_path, make_
 def test_unsupported_checkpoints_are_refused(tiny_dirs, tmp_path):
     source = make_hf_llava(tmp_path / "hf", tiny_dirs, "siglip", "default")
     with pytest.raises(CheckpointImportError, match="no CLS token"):
-        load_for_inference(source)
+        open_for_chat(source)
     with pytest.raises(FileNotFoundError, match="neither"):
-        load_for_inference(tmp_path)
+        open_for_chat(tmp_path)

@@ -9,9 +9,10 @@ import torch
 
 from llava_kit.data.dataset import Collator
 from llava_kit.data.encode import IGNORE_INDEX
+from llava_kit.data.multimodal import build_dataset
 from llava_kit.data.packing import PackedCollator, PackedLlavaDataset
 from llava_kit.model.build import build_llava
-from llava_kit.train.engine import build_dataset, train
+from llava_kit.train.engine import train
 
 
 @pytest.fixture

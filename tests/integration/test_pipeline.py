@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llava_kit.export.merge import load_for_inference, merge_run
+from llava_kit.data.multimodal import build_dataset
+from llava_kit.export.merge import merge_run
+from llava_kit.inference import ChatSession, SamplingParams, answer_once
 from llava_kit.model.build import build_llava
-from llava_kit.serve.chat import ChatSession, GenerationSettings, answer_once
-from llava_kit.train.engine import build_dataset, train
+from llava_kit.train.engine import train
+from tests.support import open_for_chat
 
 SHAPES = Path(__file__).resolve().parents[2] / "assets" / "shapes_small"
 
@@ -23,7 +25,7 @@ def test_pretrain_changes_only_the_projector(make_config):
     cfg = make_config("pretrain")
     before, _ = build_llava(cfg.model)
     run_dir = train(cfg)
-    after, _, _ = load_for_inference(run_dir)
+    after, _, _ = open_for_chat(run_dir)
     for name in ("vision_tower", "language_model"):
         a, b = state(getattr(before, name)), state(getattr(after, name))
         assert a.keys() == b.keys()
@@ -45,9 +47,9 @@ def test_sft_from_pretrain_merge_and_chat(make_config, tmp_path):
     adapter = load_file(str(sft_dir / "adapter" / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)  # only LoRA weights, no embedding copies
 
-    unmerged, tokenizer, settings = load_for_inference(sft_dir)
+    unmerged, tokenizer, settings = open_for_chat(sft_dir)
     merged_dir = merge_run(sft_dir, tmp_path / "merged")
-    merged, merged_tokenizer, merged_settings = load_for_inference(merged_dir)
+    merged, merged_tokenizer, merged_settings = open_for_chat(merged_dir)
     assert not any(p.name == "adapter" for p in merged_dir.iterdir())
     assert merged_settings == settings and len(merged_tokenizer) == len(tokenizer)
 
@@ -65,7 +67,7 @@ def test_sft_from_pretrain_merge_and_chat(make_config, tmp_path):
     assert torch.allclose(loss_unmerged, loss_merged, atol=1e-5)
 
     image = str(SHAPES / "images" / "eval" / "000000.png")
-    generation = GenerationSettings(max_new_tokens=8)
+    generation = SamplingParams(max_new_tokens=8)
     a = answer_once(ChatSession(unmerged, tokenizer, settings, generation), image, "What shape is in the image?")
     b = answer_once(ChatSession(merged, merged_tokenizer, merged_settings, generation), image,
                     "What shape is in the image?")
@@ -75,7 +77,7 @@ def test_sft_from_pretrain_merge_and_chat(make_config, tmp_path):
 def test_init_from_a_run_of_another_projector_is_a_clear_error(make_config):
     import pytest
 
-    from llava_kit.train.checkpoint import load_projector
+    from llava_kit.store.projector_files import load_projector
 
     pretrain_dir = train(make_config("pretrain", **{"train.max_steps": 1}))
     for projector, message in (({"name": "resampler", "options": {"num_queries": 4}}, "name: saved 'mlp2x_gelu', "
@@ -98,7 +100,7 @@ def test_a_zoo_projector_survives_merge(make_config, tmp_path):
     pixel_values = torch.randn(2, 3, 64, 64)
     features = []
     for source in (run_dir, merged):
-        model, _, _ = load_for_inference(source)
+        model, _, _ = open_for_chat(source)
         assert model.tokens_per_image == 4
         with torch.no_grad():
             features.append(model.get_image_features(pixel_values))

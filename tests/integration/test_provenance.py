@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llava_kit.model.build import build_llava
-from llava_kit.model.tiny import init_tiny_llm, init_tiny_vision
-from llava_kit.train.checkpoint import load_projector, projector_spec, save_projector
+from llava_kit.store.projector_files import load_projector, projector_spec, save_projector
+from llava_kit.testing.tiny import init_tiny_llm, init_tiny_vision
 
 
 @pytest.fixture

@@ -38,13 +38,13 @@ def merged(tiny_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(merged):
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession
+    from llava_kit.inference import GenerationService
     from llava_kit.serve.server import ServerSettings, start_server
+    from tests.support import open_for_chat
 
-    model, tokenizer, settings = load_for_inference(merged)
-    server = start_server(ChatSession(model, tokenizer, settings),
-                          ServerSettings(model_name="shapes", api_key=KEY, max_body_bytes=300_000), port=0)
+    model, tokenizer, settings = open_for_chat(merged)
+    server = start_server(GenerationService(model, tokenizer, settings),
+                          ServerSettings(model_name="shapes", api_key=KEY, max_body_mb=0.3), port=0)
     yield server
     server.shutdown()
     server.worker.stop()

@@ -51,10 +51,10 @@ def test_text_pt_learns_captions_and_feeds_a_pretrain_run(tiny_dirs, tmp_path, m
     assert torch.equal(load_llm(str(merged))(prompt).logits, llm(prompt).logits)
 
     # chat without an image continues the prompt as plain text, and stops at EOS
-    from llava_kit.export.merge import load_for_inference
-    from llava_kit.serve.chat import ChatSession, GenerationSettings, answer_once
+    from llava_kit.inference import ChatSession, SamplingParams, answer_once
+    from tests.support import open_for_chat
 
-    session = ChatSession(*load_for_inference(merged), GenerationSettings(max_new_tokens=30))
+    session = ChatSession(*open_for_chat(merged), SamplingParams(max_new_tokens=30))
     assert session.settings.template == "completion"
     answer = answer_once(session, None, "A red")
     assert answer and "background" in answer and len(tokenizer(answer)["input_ids"]) < 30, answer

@@ -12,9 +12,9 @@ from llava_kit.data.encode import encode_messages
 from llava_kit.data.images import prepare_image
 from llava_kit.data.templates import render
 from llava_kit.export.hf_llava import ExportError, check_exportable, to_hf_llava
-from llava_kit.export.merge import InferenceSettings
 from llava_kit.model.build import build_llava
 from llava_kit.model.projectors import build_projector
+from llava_kit.store.specs import InferenceSettings
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_processor_reproduces_llava_kit_inputs(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("template", ["plain", "chatml", "vicuna_v1", "tokenizer"])
 def test_exported_chat_template_renders_like_llava_kit(template, tiny_dirs, tiny_tokenizer, tmp_path):
-    from llava_kit.export.chat_templates import jinja_template, settings_from_template
+    from llava_kit.data.jinja_templates import jinja_template, settings_from_template
 
     conversation = [{"role": "user", "content": "<image>\nWhat shape?"}, {"role": "assistant", "content": "A star."},
                     {"role": "user", "content": "And the colour?"}]

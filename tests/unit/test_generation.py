@@ -11,10 +11,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llava_kit.config import ModelConfig
 from llava_kit.data.encode import encode_messages
-from llava_kit.export.merge import InferenceSettings
+from llava_kit.inference import ChatSession, SamplingParams
+from llava_kit.inference.service import _CallbackStreamer
 from llava_kit.model.build import build_llava
 from llava_kit.model.generation import generate
-from llava_kit.serve.chat import ChatSession, GenerationSettings, _CallbackStreamer
+from llava_kit.store.specs import InferenceSettings
 
 NEW = 16
 VOCAB = 300  # the text-only models' vocabulary (random prompts, no tokenizer)
@@ -184,7 +185,7 @@ def test_max_new_tokens_is_respected():
 def test_streamed_text_is_the_answer_and_what_generate_streams(llava):
     model, tokenizer = llava
     session = ChatSession(model, tokenizer, InferenceSettings("chatml", None, "pad", 2048),
-                          GenerationSettings(max_new_tokens=NEW))
+                          SamplingParams(max_new_tokens=NEW))
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     session.pending_image = image
     pieces: list[str] = []

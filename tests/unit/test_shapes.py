@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from llava_kit.data.shapes import (
+from llava_kit.demo.shapes import (
     BACKGROUNDS,
     COLOR_JITTER,
     COLORS,

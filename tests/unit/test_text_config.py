@@ -81,7 +81,7 @@ def test_rslora_and_dora_are_peft_options(tiny_dirs):
     from peft import get_peft_model
 
     from llava_kit.model.build import load_llm
-    from llava_kit.train.trainable import peft_lora_config
+    from llava_kit.model.trainable import peft_lora_config
 
     model = get_peft_model(load_llm(str(tiny_dirs["llm"])),
                            peft_lora_config(LoraConfig(r=4, alpha=8, use_rslora=True, use_dora=True)))
@@ -116,7 +116,7 @@ def test_qlora_without_gpu_or_bitsandbytes_stops_with_a_clear_message(tmp_path, 
 def test_qlora_quantization_is_nf4_with_double_quantization():
     import torch
 
-    from llava_kit.train.trainable import qlora_quantization_config
+    from llava_kit.model.trainable import qlora_quantization_config
 
     q = qlora_quantization_config(torch.bfloat16)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
@@ -141,11 +141,12 @@ def test_qlora_on_cpu_or_with_zero3_is_refused_up_front(tmp_path, monkeypatch):
 
 def test_qlora_code_path_with_the_4bit_load_stubbed(tmp_path, tiny_dirs, monkeypatch):
     """Everything of a QLoRA run but the 4-bit load (no GPU here): k-bit preparation, LoRA, saving, merging."""
+    import llava_kit.model.trainable as trainable
     import llava_kit.train.engine as engine
     from llava_kit.export.merge import merge_run
 
     monkeypatch.setattr(engine, "check_qlora_available", lambda: None)
-    monkeypatch.setattr(engine, "qlora_settings", lambda cfg, precision: (torch.float32, None))
+    monkeypatch.setattr(trainable, "qlora_settings", lambda mode, precision: (torch.float32, None))
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "Who are you?"},
                                              {"role": "assistant", "content": "I am Lumen."}]}) + "\n")

@@ -2,7 +2,7 @@
 
 import torch
 
-from llava_kit.model.tiny import resolve_model_path
+from llava_kit.model.sources import resolve_model_path
 
 
 def test_building_tiny_models_keeps_the_callers_random_state(tmp_path, monkeypatch):

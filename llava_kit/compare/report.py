@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llava_kit.compare import SHAPES_CHANCE, ProjectorResult
+from llava_kit.compare.results import SHAPES_CHANCE, ProjectorResult
 
 CSV_COLUMNS = ("projector", "parameters", "visual_tokens", "step_time_ms", "memory_mib", "final_loss", "accuracy")
 

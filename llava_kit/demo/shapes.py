@@ -1,6 +1,6 @@
 """The synthetic shapes task: one filled shape on a plain background, with questions and a scorer.
 
-    from llava_kit.data.shapes import write_shapes_dataset
+    from llava_kit.demo.shapes import write_shapes_dataset
     write_shapes_dataset("work/shapes", n_train=3000, n_eval=100, seed=0)
 
 Images have any size and aspect ratio (each side drawn from `min_side`..`max_side`), a white or
@@ -201,6 +201,17 @@ def score_answer(kind: str, answer: str, spec: ShapeSpec) -> bool:
     if kind == "color":
         return color_ok and not (shapes - {spec.shape})
     return shape_ok and color_ok
+
+
+def score_record(record: dict, answer: str) -> bool:
+    """The eval scorer of the shapes task (`llava-kit eval --scorer shapes`): an eval.jsonl record with `kind`,
+    `shape`, `color` (and `background`) against the model's answer, by `score_answer`."""
+    spec = ShapeSpec(shape=record["shape"], color=record["color"], width=0, height=0,
+                     background=record.get("background", "white"))
+    return score_answer(record.get("kind", "describe"), answer, spec)
+
+
+score_record.required_fields = ("question", "shape", "color")
 
 
 def _balanced_combos(rng: random.Random, n: int) -> list[tuple[str, str]]:

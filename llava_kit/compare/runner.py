@@ -3,62 +3,35 @@
     llava-kit projectors --vision-width 1024 --grid 24 --llm-width 4096
     llava-kit compare-projectors configs/tiny/compare_projectors.yaml --projectors linear,mlp2x_gelu,resampler
 
-A comparison config (YAML) has these keys:
-
-    output_dir         where the runs and the report go
-    projectors         the default list (`--projectors a,b,c` replaces it)
-    projector_options  {name: {option: value}}: options of a projector (e.g. resampler num_queries)
-    shapes             DemoRecipe fields (llava_kit/demo/pipeline.py): prepare the synthetic shapes task (data, a
-                       tiny tower with its warm-up, a text-pretrained tiny LLM) once under OUTPUT_DIR/prepared,
-                       reused while the recipe is unchanged; model paths, data paths and eval are then filled in
-    pretrain, sft      run config keys (as in `llava-kit train`) of the two stages, applied on top of the demo's
-                       configs when `shapes` is set; each projector's run gets its projector and output_dir
-    eval               {data, image_root, max_new_tokens, limit}: the held-out questions (filled in by `shapes`)
+A comparison config (YAML) has the keys of `CompareConfig` below: output_dir, projectors, projector_options,
+shapes, pretrain, sft, eval. Everything is checked when it is loaded, the two stages' run-config keys too (their
+cross-field checks run once each projector's config is complete), with every problem reported together.
 
 Per projector it writes OUTPUT_DIR/runs/NAME/{pretrain,sft} and measures: parameters, visual tokens, sft step time,
-training memory, final sft loss and held-out accuracy. `llava_kit.compare_report` writes the table (markdown and
+training memory, final sft loss and held-out accuracy. `llava_kit.compare.report` writes the table (markdown and
 CSV) and the plot (PNG) at the report path.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
-import yaml
+from pydantic import Field
 
+from llava_kit.compare.results import ProjectorResult
 from llava_kit.errors import ConfigError, PathNotFoundError, UsageError
+from llava_kit.schema import Schema, check_data, deep_merge, did_you_mean, load_yaml_file
 
 logger = logging.getLogger(__name__)
 
-COMPARE_KEYS = ("output_dir", "projectors", "projector_options", "shapes", "pretrain", "sft", "eval")
 # Every design of the registry, one member of the mlp family: what `llava-kit projectors` lists.
 LISTED_PROJECTORS = ("linear", "mlp2x_gelu", "identity", "pooler", "avgpool", "pixel_shuffle", "patch_merger", "ldp",
                      "ldpv2", "c_abstractor", "resampler", "perceiver", "tokenpacker", "qformer")
-SHAPES_CHANCE = (1 / 4 + 1 / 6 + 1 / 24) / 3  # shape, colour, describe (names both): mean chance over the three
-
-
-@dataclass
-class ProjectorResult:
-    """One row of the comparison."""
-
-    projector: str
-    parameters: int
-    visual_tokens: int
-    step_time_ms: float
-    """Mean wall time per sft optimizer step (data loading included)."""
-    memory_mib: float
-    """Training memory of one sft micro-batch: weights + gradients + AdamW states + activations saved for backward."""
-    final_loss: float
-    """The last logged sft training loss."""
-    accuracy: float
-    """Held-out accuracy, all questions."""
-    accuracy_by_kind: dict[str, float] = field(default_factory=dict)
-    train_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- listing
@@ -113,45 +86,84 @@ def format_listing(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def load_compare_config(path: str | Path) -> dict:
-    """Read a comparison YAML; unknown top-level keys are errors that list the valid ones."""
+class EvalSettings(Schema):
+    """The held-out questions every projector answers."""
+
+    data: str = ""
+    """Eval JSONL ({image, question, answer | kind+shape+color}); filled in by `shapes`."""
+    image_root: str = ""
+    """Directory the questions' `image` paths are relative to; filled in by `shapes`."""
+    max_new_tokens: int = Field(24, ge=1)
+    """Longest answer in tokens."""
+    limit: int = Field(0, ge=0)
+    """Score only the first N questions (0 = all)."""
+
+
+class CompareConfig(Schema):
+    """A comparison of projectors: one recipe, run for each."""
+
+    output_dir: str = ""
+    """Where the runs and the report go."""
+    projectors: list[str] | None = None
+    """The default list of projectors (`--projectors a,b,c` replaces it); none: every design `projectors` lists."""
+    projector_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """{name: {option: value}}: options of a projector (e.g. resampler num_queries)."""
+    shapes: dict[str, Any] | None = None
+    """DemoRecipe fields (llava_kit/demo/pipeline.py): prepare the synthetic shapes task (data, a tiny tower with its
+    warm-up, a text-pretrained tiny LLM) once under OUTPUT_DIR/prepared, reused while the recipe is unchanged; model
+    paths, data paths and eval are then filled in."""
+    pretrain: dict[str, Any] = Field(default_factory=dict)
+    """Run-config keys (as in `llava-kit train`) of the pretrain stage, applied on top of the demo's config when
+    `shapes` is set; each projector's run gets its projector and output_dir."""
+    sft: dict[str, Any] = Field(default_factory=dict)
+    """Run-config keys of the sft stage, like `pretrain`; sft starts from the projector pretrain trained."""
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    """The held-out questions (filled in by `shapes`)."""
+
+
+def _shapes_problems(shapes: dict) -> list[str]:
+    """`shapes` keys that are no DemoRecipe field (its tiny model specs are fixed)."""
+    from llava_kit.demo.pipeline import DemoRecipe
+
+    valid = sorted({f.name for f in fields(DemoRecipe)} - {"vision", "llm"})
+    unknown = sorted(str(k) for k in set(shapes) - set(valid))
+    if not unknown:
+        return []
+    return [f"`shapes` has unknown key(s) {', '.join(unknown)}{did_you_mean(unknown[0], valid, cutoff=0.5)} "
+            f"(valid: {', '.join(valid)})"]
+
+
+def load_compare_config(path: str | Path) -> CompareConfig:
+    """Read and check a comparison YAML; ConfigError listing every problem (nearest valid keys named)."""
     path = Path(path)
     if not path.is_file():
         raise PathNotFoundError(f"comparison config {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"the top level must be a mapping with keys {', '.join(COMPARE_KEYS)}", str(path))
-    unknown = sorted(set(data) - set(COMPARE_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(COMPARE_KEYS)}", str(path))
-    for key in ("projector_options", "shapes", "pretrain", "sft", "eval"):
-        if not isinstance(data.get(key) or {}, dict):
-            raise ConfigError(f"`{key}` must be a mapping", str(path))
-    if not data.get("output_dir"):
-        raise ConfigError("`output_dir` is empty; set where the runs and the report go", str(path))
-    return data
+    data = load_yaml_file(path)
+    data = {} if data is None else data
+    compare, problems = check_data(CompareConfig, data)
+    if isinstance(data, dict):
+        # The stages' keys and types are checked now; the cross-field checks need the complete config of a projector.
+        from llava_kit.config import RunConfig
 
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    """`base` with `update` merged in recursively (mappings merge, anything else replaces)."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+        for stage in ("pretrain", "sft"):
+            if isinstance(data.get(stage), dict):
+                problems += check_data(RunConfig, data[stage], prefix=stage)[1]
+        if isinstance(data.get("shapes"), dict):
+            problems += _shapes_problems(data["shapes"])
+        if not data.get("output_dir"):
+            problems.append("`output_dir` is empty; set where the runs and the report go")
+    if problems:
+        raise ConfigError(problems, str(path))
+    return compare
 
 
 def prepare_shapes_task(shapes: dict, workdir: Path) -> dict:
     """Prepare (or reuse) the shapes data, warmed-up tiny tower and text-pretrained tiny LLM under `workdir`."""
     from llava_kit.demo.pipeline import DemoRecipe, prepare_shapes
 
-    valid = {f.name for f in fields(DemoRecipe)} - {"vision", "llm"}
-    unknown = sorted(set(shapes) - valid)
-    if unknown:
-        raise ConfigError(f"`shapes` has unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}",
-                          "comparison config")
+    problems = _shapes_problems(shapes)
+    if problems:
+        raise ConfigError(problems, "comparison config")
     recipe = DemoRecipe(**shapes)
     stamp = workdir / "prepared.json"
     wanted = json.dumps(asdict(recipe), sort_keys=True)
@@ -166,16 +178,16 @@ def prepare_shapes_task(shapes: dict, workdir: Path) -> dict:
     return prepared
 
 
-def stage_configs(compare: dict, prepared: dict | None) -> tuple[dict, dict, dict]:
+def stage_configs(compare: CompareConfig, prepared: dict | None) -> tuple[dict, dict, EvalSettings]:
     """The base pretrain and sft run-config dicts and the eval settings, before a projector is chosen."""
-    pretrain, sft = compare.get("pretrain") or {}, compare.get("sft") or {}
-    evaluation = {"max_new_tokens": 24, "limit": 0, **(compare.get("eval") or {})}
+    pretrain, sft, evaluation = compare.pretrain, compare.sft, compare.eval
     if prepared is not None:
-        demo = {name: yaml.safe_load(Path(prepared["configs"][name]).read_text()) for name in ("pretrain", "sft")}
-        pretrain, sft = _deep_merge(demo["pretrain"], pretrain), _deep_merge(demo["sft"], sft)
-        evaluation = {"data": str(prepared["eval"]), "image_root": str(prepared["images"]), **evaluation}
+        demo = {name: load_yaml_file(prepared["configs"][name]) for name in ("pretrain", "sft")}
+        pretrain, sft = deep_merge(demo["pretrain"], pretrain), deep_merge(demo["sft"], sft)
+        evaluation = evaluation.model_copy(update={"data": evaluation.data or str(prepared["eval"]),
+                                                   "image_root": evaluation.image_root or str(prepared["images"])})
     for key in ("data", "image_root"):
-        if not evaluation.get(key):
+        if not getattr(evaluation, key):
             raise ConfigError(f"`eval.{key}` is empty; set the held-out questions (JSONL) and their image root, "
                               "or use `shapes` to prepare the shapes task", "comparison config")
     return pretrain, sft, evaluation
@@ -187,10 +199,10 @@ def projector_run_configs(pretrain: dict, sft: dict, name: str, options: dict, r
     from llava_kit.config import config_from_dict
 
     projector = {"model": {"projector": {"name": name, "options": options}}}
-    pretrain_cfg = config_from_dict(_deep_merge(pretrain, {
+    pretrain_cfg = config_from_dict(deep_merge(pretrain, {
         **projector, "stage": "pretrain", "output_dir": str(runs_dir / name / "pretrain")}), f"pretrain ({name})",
         check_paths)
-    sft_cfg = config_from_dict(_deep_merge(sft, {
+    sft_cfg = config_from_dict(deep_merge(sft, {
         "model": {**projector["model"], "init_from": pretrain_cfg.output_dir if with_pretrain else None},
         "stage": "sft", "output_dir": str(runs_dir / name / "sft")}), f"sft ({name})", check_paths=False)
     return pretrain_cfg, sft_cfg
@@ -203,7 +215,7 @@ def check_projectors(names: list[str], options: dict, cfg) -> None:
     from transformers import AutoConfig
 
     from llava_kit.model.projectors import build_projector
-    from llava_kit.model.tiny import resolve_model_path
+    from llava_kit.model.sources import resolve_model_path
     from llava_kit.model.vision import build_vision_tower
 
     v = cfg.model.vision
@@ -229,10 +241,10 @@ def training_memory_bytes(cfg) -> tuple[int, int, int]:
     import torch
 
     from llava_kit.data.dataset import Collator
+    from llava_kit.data.multimodal import build_dataset
     from llava_kit.model.build import build_llava
     from llava_kit.model.projectors import count_parameters
-    from llava_kit.train.engine import build_dataset
-    from llava_kit.train.trainable import apply_trainability
+    from llava_kit.model.trainable import apply_trainability
 
     model, tokenizer = build_llava(cfg.model, torch.float32)
     apply_trainability(model, cfg.model.trainable, cfg.model.lora)
@@ -263,27 +275,29 @@ def _sft_metrics(run_dir: Path, max_steps: int) -> tuple[float, float]:
     return runtime / max(max_steps, 1), losses[-1] if losses else float("nan")
 
 
-def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: dict, runs_dir: Path) -> ProjectorResult:
+def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: EvalSettings,
+            runs_dir: Path) -> ProjectorResult:
     """Pretrain + sft + held-out eval of one projector; a projector without parameters skips pretraining."""
     from llava_kit.eval import evaluate
-    from llava_kit.export.merge import load_for_inference
+    from llava_kit.inference import GenerationService
+    from llava_kit.loader import open_model_dir
     from llava_kit.train.engine import train
 
     pretrain_cfg, sft_cfg = projector_run_configs(pretrain, sft, name, options, runs_dir)
     memory, parameters, tokens = training_memory_bytes(sft_cfg)
     start = time.perf_counter()
     if parameters:
-        train(pretrain_cfg)
+        train(pretrain_cfg, overwrite=True)  # the comparison owns its output_dir: a rerun replaces its runs
     else:
         logger.info("%s has no parameters: nothing to pretrain, sft trains the LLM alone", name)
         pretrain_cfg, sft_cfg = projector_run_configs(pretrain, sft, name, options, runs_dir, with_pretrain=False)
-    sft_dir = train(sft_cfg)
+    sft_dir = train(sft_cfg, overwrite=True)
     train_seconds = time.perf_counter() - start
     step_time, final_loss = _sft_metrics(sft_dir, sft_cfg.train.max_steps)
-    model, tokenizer, settings = load_for_inference(sft_dir)
+    service = GenerationService.from_loaded(open_model_dir(sft_dir))
     records = held_out_records(evaluation)
-    accuracy = evaluate(model, tokenizer, settings, records, evaluation["image_root"],
-                        max_new_tokens=evaluation["max_new_tokens"], predictions_path=sft_dir / "eval_predictions.jsonl")
+    accuracy = evaluate(service, records, evaluation.image_root, max_new_tokens=evaluation.max_new_tokens,
+                        predictions_path=sft_dir / "eval_predictions.jsonl")
     result = ProjectorResult(projector=name, parameters=parameters, visual_tokens=tokens,
                              step_time_ms=1000 * step_time, memory_mib=memory / 2**20, final_loss=final_loss,
                              accuracy=accuracy["all"], accuracy_by_kind={k: v for k, v in accuracy.items() if k != "all"},
@@ -299,15 +313,15 @@ def compare_projectors(config_path: str | Path, projectors: list[str] | None = N
     from llava_kit.model.projectors import resolve_projector
 
     compare = load_compare_config(config_path)
-    names = projectors or compare.get("projectors") or list(LISTED_PROJECTORS)
+    names = projectors or compare.projectors or list(LISTED_PROJECTORS)
     for name in names:
         resolve_projector(name)  # unknown names fail before anything runs
-    options = compare.get("projector_options") or {}
+    options = compare.projector_options
     for name in options:
         resolve_projector(name)
-    output_dir = Path(compare["output_dir"]).resolve()
+    output_dir = Path(compare.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_shapes_task(compare["shapes"], output_dir / "prepared") if compare.get("shapes") else None
+    prepared = prepare_shapes_task(compare.shapes, output_dir / "prepared") if compare.shapes else None
     pretrain, sft, evaluation = stage_configs(compare, prepared)
     # Check every projector's configs and options up front: a mistake in the last one should not cost the first
     # ones' runs.
@@ -320,7 +334,7 @@ def compare_projectors(config_path: str | Path, projectors: list[str] | None = N
     report = Path(report) if report else output_dir / "comparison.md"
     recipe = {"pretrain": stage_summary(pretrain), "sft": stage_summary(sft),
               "eval": len(held_out_records(evaluation))}
-    from llava_kit.compare_report import write_report
+    from llava_kit.compare.report import write_report
 
     write_report(results, report, config_path, prepared is not None, machine, recipe)
     return results, report
@@ -345,9 +359,9 @@ def stage_summary(stage: dict) -> str:
             + (f" (projector {projector_lr})" if projector_lr and projector_lr != lr else ""))
 
 
-def held_out_records(evaluation: dict) -> list:
+def held_out_records(evaluation: EvalSettings) -> list:
     """The held-out records the comparison scores (after `limit`)."""
     from llava_kit.eval import read_eval_records
 
-    records = read_eval_records(evaluation["data"])
-    return records[: evaluation["limit"]] if evaluation.get("limit") else records
+    records = read_eval_records(evaluation.data)
+    return records[: evaluation.limit] if evaluation.limit else records

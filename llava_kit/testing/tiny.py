@@ -1,4 +1,4 @@
-"""Tiny random models for tests, the demo and offline experiments (no downloads).
+"""Tiny random models for tests, the demo, benchmarks and offline experiments (no downloads).
 
     llava-kit init-tiny OUT_DIR      # OUT_DIR/vision (CLIP vision + processor), OUT_DIR/llm (Llama + BPE)
 
@@ -144,18 +144,17 @@ def tiny_home() -> Path:
     return Path(os.environ.get("LLAVA_KIT_HOME", Path.home() / ".cache" / "llava-kit")) / "tiny" / TINY_VERSION
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map `tiny:vision` / `tiny:llm` to a locally built copy (built on first use); pass others through."""
-    if not name_or_path.startswith(TINY_PREFIX):
-        return name_or_path
-    part = name_or_path[len(TINY_PREFIX):]
-    if part not in ("vision", "llm"):
-        raise ModelLoadError(f"unknown tiny model {name_or_path!r}; use tiny:vision or tiny:llm")
+def tiny_model_path(name: str) -> str:
+    """The directory of the tiny random model `name` ("vision" or "llm"), built once under `tiny_home()`.
+
+    What `tiny:vision` / `tiny:llm` resolve to (llava_kit.model.sources)."""
+    if name not in ("vision", "llm"):
+        raise ModelLoadError(f"unknown tiny model {TINY_PREFIX}{name!r}; use tiny:vision or tiny:llm")
     home = tiny_home()
-    target = home / part
+    target = home / name
     if not (target / "config.json").is_file():
-        logger.info("building tiny random %s model in %s", part, target)
-        tmp = home / f".{part}.tmp{os.getpid()}"
-        (init_tiny_vision if part == "vision" else init_tiny_llm)(tmp)
+        logger.info("building tiny random %s model in %s", name, target)
+        tmp = home / f".{name}.tmp{os.getpid()}"
+        (init_tiny_vision if name == "vision" else init_tiny_llm)(tmp)
         tmp.replace(target) if not target.exists() else None  # another process may have won the race
     return str(target)

@@ -45,6 +45,25 @@ def qlora_quantization_config(compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def compute_dtype(precision: str):
+    """The torch dtype of a precision name: bf16, fp16, else float32."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def qlora_settings(llm_mode: str, precision: str):
+    """(load dtype, bitsandbytes config) for QLoRA (`llm_mode` qlora), (fp32, None) otherwise; refuses QLoRA where
+    it cannot run."""
+    import torch
+
+    if llm_mode != "qlora":
+        return torch.float32, None
+    check_qlora_available()
+    dtype = compute_dtype(precision) if precision != "fp32" else torch.bfloat16
+    return dtype, qlora_quantization_config(dtype)
+
+
 def add_lora(llm, lora: LoraConfig, quantized: bool = False, gradient_checkpointing: bool = False):
     """Wrap a causal LM with a peft LoRA adapter; a 4-bit base is first prepared for k-bit training."""
     from peft import get_peft_model, prepare_model_for_kbit_training

@@ -43,3 +43,27 @@ def whole_state_dict(module: nn.Module, only: Container[str] | None = None, keep
 def trained_names(module: nn.Module) -> set[str]:
     """State-dict names of `module`'s trainable parameters (LoRA adapters, a projector, a fully trained LLM)."""
     return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def read_prefixed_weights(directory, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a transformers checkpoint directory (model.safetensors, or shards with their index) whose
+    names start with `prefix`, named without it; only those tensors are read from disk."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({file for name, file in weight_map.items() if name.startswith(prefix)})
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for file in files:
+        with safe_open(str(directory / file), framework="pt") as f:
+            for name in f.keys():
+                if name.startswith(prefix):
+                    state[name[len(prefix):]] = f.get_tensor(name)
+    return state

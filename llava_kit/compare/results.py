@@ -1,0 +1,26 @@
+"""One row of a projector comparison, and the chance level of the shapes task it is read against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SHAPES_CHANCE = (1 / 4 + 1 / 6 + 1 / 24) / 3  # shape, colour, describe (names both): mean chance over the three
+
+
+@dataclass
+class ProjectorResult:
+    """One row of the comparison."""
+
+    projector: str
+    parameters: int
+    visual_tokens: int
+    step_time_ms: float
+    """Mean wall time per sft optimizer step (data loading included)."""
+    memory_mib: float
+    """Training memory of one sft micro-batch: weights + gradients + AdamW states + activations saved for backward."""
+    final_loss: float
+    """The last logged sft training loss."""
+    accuracy: float
+    """Held-out accuracy, all questions."""
+    accuracy_by_kind: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0

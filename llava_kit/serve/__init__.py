@@ -1,0 +1,1 @@
+"""Front-ends over the generation service: the terminal chat (chat.py) and the OpenAI-compatible server."""

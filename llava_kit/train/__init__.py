@@ -1,0 +1,1 @@
+"""Training: every stage on the Hugging Face Trainer (engine.py) and the loss plot."""
