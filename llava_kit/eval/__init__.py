@@ -1,89 +1,73 @@
-"""Score a model on held-out questions through the generation service.
+"""Score a model on a benchmark: its local files -> LLaVA-1.5's prompts -> answers -> the benchmark's metrics.
 
-    llava-kit eval --model DIR --data eval.jsonl --image-root images/ [--scorer auto|exact|shapes]
+    llava-kit eval --model DIR --benchmark pope --data coco_pope_random.json --image-root val2014
+    llava-kit eval --base-url http://127.0.0.1:8000/v1 --benchmark mmbench --data MMBench_DEV_EN.tsv
+    llava-kit eval --model DIR --data eval.jsonl --image-root images/          # the custom JSONL (the default)
 
-Each line of the JSONL is one question: `{"image" (optional), "question", ...}` plus what its scorer needs
-(llava_kit/scoring.py). Prints per-kind accuracy and, last, `accuracy: X.XX`.
+    result = run_benchmark("pope", "coco_pope_random.json", "val2014", service=service)
+    result.scores.metrics["f1"], result.headline
+
+- `llava_kit/benchmarks/`  what each benchmark reads, asks and scores (no model)
+- `answering.py`           the questions asked through the generation service (batched) or an OpenAI-compatible
+                           endpoint (a bounded pool of requests), errors per item
+- `runner.py`              scores, the predictions JSONL, the summary table
+
+`evaluate()` is the custom benchmark on records already read (the demo, compare-projectors): accuracy per kind.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import defaultdict
 from pathlib import Path
 
-from tqdm import tqdm
-
-from llava_kit.data.images import load_image, resolve_image_path
-from llava_kit.data.templates import IMAGE_TOKEN
-from llava_kit.errors import DataError, PathNotFoundError
+from llava_kit.benchmarks import custom, get_benchmark
+from llava_kit.eval.answering import Answer, answer_with_endpoint, answer_with_service, endpoint_model
+from llava_kit.eval.runner import EvalResult, format_report, format_summary, score_answers
 from llava_kit.inference.sampling import SamplingParams
-from llava_kit.inference.service import GenerationRequest, GenerationService
-from llava_kit.scoring import choose_scorer
+from llava_kit.inference.service import GenerationService
 
 logger = logging.getLogger(__name__)
 
-def read_eval_records(path: str | Path) -> list[dict]:
-    """The records of an eval JSONL file (one JSON object per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PathNotFoundError(f"eval data {str(path)!r} does not exist")
-    records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-            raise DataError(f"{path}:{line_no}: an eval record is an object with a `question` string")
-        records.append(record)
-    return records
+read_eval_records = custom.read_records
+
+
+def run_benchmark(name: str, data: str | Path, image_root: str | Path | None = None, *,
+                  service: GenerationService | None = None, base_url: str | None = None,
+                  model_name: str | None = None, api_key: str | None = None, limit: int = 0,
+                  max_new_tokens: int | None = None, batch_size: int = 32, concurrency: int = 8,
+                  predictions_path: str | Path | None = None, scorer: str = "auto",
+                  progress: bool = True) -> EvalResult:
+    """Run benchmark `name` on its local files, answered by `service` or by the endpoint at `base_url`.
+
+    `limit` > 0 keeps the first that many questions (MMBench: circular groups; MME: images). Answers are greedy,
+    at most `max_new_tokens` long (default: the benchmark's).
+    """
+    benchmark = get_benchmark(name)
+    options = {"scorer": scorer} if name == "custom" else {}
+    items = benchmark.read(Path(data), Path(image_root) if image_root else None, limit, **options)
+    params = SamplingParams(max_new_tokens=max_new_tokens or benchmark.max_new_tokens)
+    logger.info("%s: %d prompts from %s, answered by %s", name, len(items), data, base_url or "the model")
+    if base_url is not None:
+        api_key = api_key or "EMPTY"  # the client needs one; a server without a key ignores it
+        model_name = model_name or endpoint_model(base_url, api_key)
+        answers = answer_with_endpoint(base_url, model_name, api_key, items, params, concurrency, progress)
+    else:
+        answers = answer_with_service(service, items, params, batch_size, progress)
+    return score_answers(benchmark, items, answers, predictions_path)
 
 
 def evaluate(service: GenerationService, records: list[dict], image_root: str | Path, max_new_tokens: int = 32,
              predictions_path: str | Path | None = None, batch_size: int = 32,
              scorer: str = "auto") -> dict[str, float]:
-    """Answer every record in a fresh conversation; returns accuracy per kind and overall ("all").
-
-    Questions are answered `batch_size` at a time (greedy; the same answers as one by one).
-    """
-    scorer_name, score = choose_scorer(records, scorer)
-    logger.info("eval: %d questions, scorer %s", len(records), scorer_name)
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    answers: list[str] = []
-    progress = tqdm(total=len(records), desc="eval", unit="q", dynamic_ncols=True)
-    for start in range(0, len(records), batch_size):
-        requests = [GenerationRequest(_prompt(service, record, image_root), params)
-                    for record in records[start:start + batch_size]]
-        answers += [completion.text for completion in service.generate(requests)]
-        progress.update(len(requests))
-    progress.close()
-    right, total, rows = defaultdict(int), defaultdict(int), []
-    for record, answer in zip(records, answers, strict=True):
-        ok = score(record, answer)
-        for key in {record.get("kind", "all"), "all"}:
-            right[key] += ok
-            total[key] += 1
-        rows.append({**record, "prediction": answer, "correct": ok})
-    if predictions_path:
-        Path(predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {k: right[k] / total[k] for k in total}
+    """Answer every record (the custom JSONL's) in a fresh conversation; returns accuracy per kind and overall
+    ("all"). Questions are answered `batch_size` at a time (greedy; the same answers as one by one)."""
+    items = custom.items_of(records, image_root, scorer)
+    logger.info("eval: %d questions, scorer %s", len(records), items[0].answer["scorer"] if items else scorer)
+    answers = answer_with_service(service, items, SamplingParams(max_new_tokens=max_new_tokens), batch_size)
+    result = score_answers(custom.BENCHMARK, items, answers, predictions_path)
+    return {**{kind: m["accuracy"] for kind, m in result.scores.by_category.items()},
+            "all": result.scores.metrics["accuracy"]}
 
 
-def _prompt(service: GenerationService, record: dict, image_root: str | Path):
-    """One question in a fresh conversation, its image first (as `llava-kit chat --image` asks it)."""
-    if not record.get("image"):
-        return service.prepare([{"role": "user", "content": record["question"]}])
-    image = load_image(resolve_image_path(record["image"], image_root))
-    return service.prepare([{"role": "user", "content": f"{IMAGE_TOKEN}\n{record['question']}"}], [image])
-
-
-def format_report(accuracy: dict[str, float], counts: dict[str, int] | None = None) -> str:
-    """Per-kind lines, then `accuracy: X.XX` as the last line."""
-    lines = [f"{kind:>10}: {acc:.2f}" + (f"  (n={counts[kind]})" if counts else "")
-             for kind, acc in sorted(accuracy.items()) if kind != "all"]
-    lines.append(f"accuracy: {accuracy['all']:.2f}")
-    return "\n".join(lines)
+__all__ = ["Answer", "EvalResult", "answer_with_endpoint", "answer_with_service", "evaluate", "format_report",
+           "format_summary", "read_eval_records", "run_benchmark", "score_answers"]
