@@ -78,10 +78,11 @@ def format_summary(result: EvalResult) -> str:
     if scores.by_category:
         names = list(next(iter(scores.by_category.values())))
         width = max(len("category"), *(len(c) for c in scores.by_category))
-        lines.append(f"{'category':<{width}} {'n':>6} " + " ".join(f"{m:>17}" for m in names))
+        columns = {m: max(len(m), 8) for m in names}
+        lines.append(f"{'category':<{width}} {'n':>6}  " + "  ".join(f"{m:>{w}}" for m, w in columns.items()))
         for category, metrics in scores.by_category.items():
-            lines.append(f"{category:<{width}} {scores.counts.get(category, 0):>6} "
-                         + " ".join(f"{_value(benchmark, m, metrics[m]):>17}" for m in names))
+            lines.append(f"{category:<{width}} {scores.counts.get(category, 0):>6}  "
+                         + "  ".join(f"{_value(benchmark, m, metrics[m]):>{w}}" for m, w in columns.items()))
     overall = [m for m in scores.metrics if m != benchmark.headline] + [benchmark.headline]
     lines += [f"{m}: {_value(benchmark, m, scores.metrics[m])}" for m in overall]
     return "\n".join(lines)

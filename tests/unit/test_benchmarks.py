@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_kit.benchmarks import BENCHMARKS, BenchmarkFileError, get_benchmark
-from llava_kit.benchmarks import mmbench, mme, pope, scienceqa, vqa
+from llava_kit.benchmarks import BENCHMARKS, BenchmarkFileError, get_benchmark, mmbench, mme, pope, scienceqa, vqa
 from llava_kit.config import BENCHMARK_NAMES
 from llava_kit.errors import UsageError
 
