@@ -18,28 +18,6 @@ IMAGES = SHAPES / "images" / "eval"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny sft run (LoRA, not merged), its merge and its hf-llava export.
-
-    Tiny models of seed 5 and one step at a tiny learning rate: answers that differ from image to image (seed 0's
-    say "a a a" to everything, and a few real steps teach it to stop at once), so equal answers mean equal pixels.
-    """
-    from llava_kit.config import config_from_dict
-    from llava_kit.export.hf_llava import export_model
-    from llava_kit.export.merge import merge_run
-    from llava_kit.testing.tiny import init_tiny
-    from llava_kit.train.engine import train
-    from tests.integration.conftest import tiny_config
-
-    root = tmp_path_factory.mktemp("eval_models")
-    tiny = init_tiny(root / "tiny", seed=5)
-    run = train(config_from_dict(tiny_config(tiny, root / "sft", "sft", **{"train.max_steps": 1,
-                                                                          "train.learning_rate": 1e-6})))
-    merged = merge_run(run, root / "merged")
-    return {"run": Path(run), "merged": Path(merged), "export": Path(export_model(merged, root / "export"))}
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A POPE file (LLaVA's layout) and an MMBench TSV (base64 images) on the shapes images."""
     root = tmp_path_factory.mktemp("bench")
@@ -66,7 +44,7 @@ def eval_cli(capsys, *args) -> list[str]:
 
 
 @pytest.mark.parametrize("benchmark", ["pope", "mmbench"])
-def test_run_dir_merged_export_and_server_give_the_same_numbers(models, files, benchmark, capsys, tmp_path):
+def test_run_dir_merged_export_and_server_give_the_same_numbers(eval_models, files, benchmark, capsys, tmp_path):
     from llava_kit.inference import GenerationService
     from llava_kit.loader import open_model_dir
     from llava_kit.serve.server import ServerSettings, start_server
@@ -74,11 +52,11 @@ def test_run_dir_merged_export_and_server_give_the_same_numbers(models, files, b
     common = ["--benchmark", benchmark, "--data", str(files[benchmark]), "--image-root", str(IMAGES),
               "--max-new-tokens", "6"]
     summaries, predictions = {}, {}
-    for route, directory in models.items():
+    for route, directory in eval_models.items():
         out = tmp_path / f"{route}.jsonl"
         summaries[route] = eval_cli(capsys, "--model", str(directory), *common, "--predictions", str(out))
         predictions[route] = [json.loads(line) for line in out.read_text().splitlines()]
-    server = start_server(GenerationService.from_loaded(open_model_dir(models["merged"])),
+    server = start_server(GenerationService.from_loaded(open_model_dir(eval_models["merged"])),
                           ServerSettings(model_name="tiny"), port=0)
     try:
         out = tmp_path / "server.jsonl"
@@ -109,9 +87,9 @@ def test_an_endpoint_that_fails_gives_an_error_per_item_never_a_dropped_one(file
     assert result.scores.metrics["yes_ratio"] == 1.0 and result.scores.metrics["accuracy"] == 0.5
 
 
-def test_custom_jsonl_keeps_its_output_through_any_model_directory(models, capsys, tmp_path):
+def test_custom_jsonl_keeps_its_output_through_any_model_directory(eval_models, capsys, tmp_path):
     out = tmp_path / "predictions.jsonl"
-    lines = eval_cli(capsys, "--model", str(models["run"]), "--data", str(SHAPES / "eval.jsonl"), "--image-root",
+    lines = eval_cli(capsys, "--model", str(eval_models["run"]), "--data", str(SHAPES / "eval.jsonl"), "--image-root",
                      str(SHAPES / "images"), "--limit", "6", "--max-new-tokens", "4", "--predictions", str(out))
     assert lines[-1].startswith("accuracy: ") and len(lines[-1]) == len("accuracy: 0.00")
     assert {line.split(":")[0].strip() for line in lines[:-1]} <= {"shape", "color", "describe"}
