@@ -360,3 +360,30 @@ def test_an_image_file_needs_an_image_root(tmp_path):
         pope.BENCHMARK.read(path, None)
     with pytest.raises(BenchmarkFileError, match="not found"):
         pope.BENCHMARK.read(path, tmp_path)
+
+
+def test_lmms_lab_parquet_copies_are_read_with_their_image_bytes(tmp_path):
+    """lmms-eval's Hugging Face copies: parquet files whose `image` column holds {bytes, path}."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    image = {"bytes": PNG, "path": "COCO_val2014_000000000042.jpg"}
+    pope_rows = [{"question_id": "1", "question": "Is there a dog in the image?", "answer": "yes",
+                  "category": "adversarial", "image": image},
+                 {"question_id": "2", "question": "Is there a cat in the image?", "answer": "no",
+                  "category": "adversarial", "image": image}]
+    (tmp_path / "pope" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(pope_rows), tmp_path / "pope" / "data" / "test-00000-of-00001.parquet")
+    items = pope.BENCHMARK.read(tmp_path / "pope" / "data", None)  # the folder of parquet files, no image root
+    assert [i.images for i in items] == [[PNG], [PNG]] and items[0].category == "adversarial"
+    assert "image" not in items[0].record  # the predictions file keeps no image bytes
+    assert pope.BENCHMARK.score(items, ["Yes", "No"]).metrics["f1"] == 1.0
+
+    mme_rows = [{"question_id": "code_reasoning/0020.png", "question": "Is this C++? Please answer yes or no.",
+                 "answer": "Yes", "category": "code_reasoning", "image": image},
+                {"question_id": "code_reasoning/0020.png", "question": "Is this Python? Please answer yes or no.",
+                 "answer": "No", "category": "code_reasoning", "image": image}]
+    pq.write_table(pa.Table.from_pylist(mme_rows), tmp_path / "mme.parquet")
+    items = mme.BENCHMARK.read(tmp_path / "mme.parquet", None)
+    assert items[0].prompt == f"Is this C++?\n{SHORT}"
+    assert mme.BENCHMARK.score(items, ["yes", "no"]).metrics["cognition"] == 200.0
