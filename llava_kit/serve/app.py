@@ -30,7 +30,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from llava_kit.errors import LlavaKitError
-from llava_kit.serve.protocol import ERROR_TYPES, ApiError, ChatCompletionRequest, error_body, validation_error
+from llava_kit.serve.protocol import (
+    ERROR_TYPES,
+    ApiError,
+    ChatCompletionRequest,
+    error_body,
+    public_message,
+    validation_error,
+)
 from llava_kit.serve.requests import RequestError, conversation_of
 from llava_kit.serve.settings import ServerSettings
 from llava_kit.serve.worker import ChatRequest, Job, JobFailed, ModelWorker, QueueFull, WorkerStopped
@@ -65,7 +72,7 @@ def create_app(workers: dict[str, ModelWorker], settings: ServerSettings, openai
 def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                     headers: dict | None = None) -> JSONResponse:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse(error_body(message, kind, code, param), status_code=status, headers=headers)
+    return JSONResponse(error_body(public_message(message), kind, code, param), status_code=status, headers=headers)
 
 
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:

@@ -157,8 +157,11 @@ def _image(url, where: str, settings: ServerSettings) -> Image.Image:
                            where)
     try:
         return load_image(io.BytesIO(raw))
-    except ImageLoadError as err:  # PIL names the source by its repr (`<_io.BytesIO object at 0x...>`)
-        raise RequestError(f"{where}: {public_message(str(err))}", where) from None
+    except ImageLoadError as err:
+        if "object at 0x" in str(err):  # PIL names the source by its repr: say what it means instead
+            raise RequestError(f"{where}: cannot read image: the data is not an image (PNG, JPEG, WebP, GIF, ...)",
+                               where) from None
+        raise RequestError(f"{where}: {err}", where) from None
     except Exception:  # noqa: BLE001 (untrusted bytes: a decoder's own bug must not become a 500)
         raise RequestError(f"{where}: cannot read image: the data is not an image PIL can decode", where) from None
 

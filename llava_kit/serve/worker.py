@@ -143,6 +143,16 @@ class ModelWorker:
     def supports_images(self) -> bool:
         return self.service.supports_images
 
+    @property
+    def running(self) -> int:
+        """Jobs being generated now."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs in the queue."""
+        return len(self._waiting)
+
     def start(self) -> ModelWorker:
         self._thread.start()
         return self
@@ -186,6 +196,10 @@ class ModelWorker:
         with self._condition:
             if self._stopping:
                 raise WorkerStopped(f"model {self.name!r} is not serving any more (the server is shutting down)")
+            if len(self._waiting) >= self.max_queue:  # jobs whose clients left do not hold places
+                for cancelled in [j for j in self._waiting if j.cancelled]:
+                    self._waiting.remove(cancelled)
+                    self._drop(cancelled)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting for model {self.name!r}, this "
                                 f"server's limit (--max-queue); retry later")
