@@ -59,7 +59,7 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
         gr.Markdown(f"## llava-kit chat\n{_models_line(workers)}")
         with gr.Tab("Chat", elem_id="tab-chat"):
             model = gr.Dropdown(names, value=names[0], label="Model", visible=len(names) > 1, elem_id="chat-model")
-            chatbot = gr.Chatbot(label=names[0], elem_id="chat", height=420)
+            chatbot = gr.Chatbot(label=names[0], elem_id="chat", height=420, render_markdown=False)
             box = _input_box(reads_images, "chat-input")
             with gr.Row():
                 regenerate = gr.Button("Regenerate", elem_id="chat-regenerate")
@@ -71,8 +71,8 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
                 model_b = gr.Dropdown(names, value=names[min(1, len(names) - 1)], label="Model B",
                                       elem_id="side-model-b")
             with gr.Row():
-                chat_a = gr.Chatbot(label=f"A: {model_a.value}", elem_id="side-a", height=420)
-                chat_b = gr.Chatbot(label=f"B: {model_b.value}", elem_id="side-b", height=420)
+                chat_a = gr.Chatbot(label=f"A: {model_a.value}", elem_id="side-a", height=420, render_markdown=False)
+                chat_b = gr.Chatbot(label=f"B: {model_b.value}", elem_id="side-b", height=420, render_markdown=False)
             side_box = _input_box(reads_images, "side-input")
             with gr.Row():
                 side_regenerate = gr.Button("Regenerate both", elem_id="side-regenerate")
@@ -115,6 +115,7 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
         redone = regenerate.click(again, [turns, model, *sampling], [chatbot, turns], concurrency_limit=None)
         box.stop(None, None, None, cancels=[sent, redone])
         clear.click(lambda: ([], []), None, [chatbot, turns], cancels=[sent, redone])
+        chatbot.clear(lambda: [], None, turns, cancels=[sent, redone])  # the chat's own bin icon
         model.change(lambda name: gr.Chatbot(label=name), model, chatbot)
 
         # ------------------------------------------------------------------ Side by side
@@ -149,6 +150,8 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
         side_box.stop(None, None, None, cancels=[side_sent, side_redone])
         side_clear.click(lambda: ([], [], [], []), None, [chat_a, chat_b, turns_a, turns_b],
                          cancels=[side_sent, side_redone])
+        chat_a.clear(lambda: ([], [], [], []), None, [chat_a, chat_b, turns_a, turns_b], cancels=[side_sent, side_redone])
+        chat_b.clear(lambda: ([], [], [], []), None, [chat_a, chat_b, turns_a, turns_b], cancels=[side_sent, side_redone])
         model_a.change(lambda name: gr.Chatbot(label=f"A: {name}"), model_a, chat_a)
         model_b.change(lambda name: gr.Chatbot(label=f"B: {name}"), model_b, chat_b)
     return page
