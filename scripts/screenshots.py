@@ -81,7 +81,9 @@ def wait_for_answer(page, chatbot: str, answer: str, timeout_ms: int = 120_000) 
     """Wait until the last bot message of `chatbot` (an elem_id) reads `answer` (whitespace aside); returns it."""
     page.wait_for_function(
         """([chatbot, answer]) => {
-            const squash = (text) => text.replace(/\\s+/g, ' ').trim();
+            // whitespace squashed and control characters dropped (a random model's answer may hold some)
+            const squash = (text) => text.replace(/[\\u0000-\\u0008\\u000b-\\u001f\\u007f]/g, '')
+                .replace(/\\s+/g, ' ').trim();
             const bots = document.querySelectorAll(`#${chatbot} .bot`);
             return bots.length > 0 && squash(bots[bots.length - 1].innerText) === squash(answer);
         }""", arg=[chatbot, answer], timeout=timeout_ms)

@@ -34,6 +34,9 @@ from llava_kit.webui.conversation import Turn, bubbles, messages_of, new_turn
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
 EMPTY_INPUT = {"text": "", "files": []}
+# A browser fires no `change` for a file input given the file it already holds, so attaching the same image again
+# (a new conversation about it) would do nothing; emptying the inputs after each message lets it through.
+FORGET_UPLOADS = "() => { document.querySelectorAll('input[type=file]').forEach((input) => { input.value = ''; }); }"
 
 
 def mount_webui(app: FastAPI) -> None:
@@ -113,6 +116,7 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
 
         sent = box.submit(send, [box, turns, model, *sampling], [chatbot, turns, box], concurrency_limit=None)
         redone = regenerate.click(again, [turns, model, *sampling], [chatbot, turns], concurrency_limit=None)
+        sent.then(None, None, None, js=FORGET_UPLOADS)
         box.stop(None, None, None, cancels=[sent, redone])
         clear.click(lambda: ([], []), None, [chatbot, turns], cancels=[sent, redone])
         chatbot.clear(lambda: [], None, turns, cancels=[sent, redone])  # the chat's own bin icon
@@ -147,6 +151,7 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
                                     concurrency_limit=None)
         side_redone = side_regenerate.click(again_both, both, [chat_a, chat_b, turns_a, turns_b],
                                             concurrency_limit=None)
+        side_sent.then(None, None, None, js=FORGET_UPLOADS)
         side_box.stop(None, None, None, cancels=[side_sent, side_redone])
         side_clear.click(lambda: ([], [], [], []), None, [chat_a, chat_b, turns_a, turns_b],
                          cancels=[side_sent, side_redone])
