@@ -153,10 +153,9 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
                                             concurrency_limit=None)
         side_sent.then(None, None, None, js=FORGET_UPLOADS)
         side_box.stop(None, None, None, cancels=[side_sent, side_redone])
-        side_clear.click(lambda: ([], [], [], []), None, [chat_a, chat_b, turns_a, turns_b],
-                         cancels=[side_sent, side_redone])
-        chat_a.clear(lambda: ([], [], [], []), None, [chat_a, chat_b, turns_a, turns_b], cancels=[side_sent, side_redone])
-        chat_b.clear(lambda: ([], [], [], []), None, [chat_a, chat_b, turns_a, turns_b], cancels=[side_sent, side_redone])
+        side_state = [chat_a, chat_b, turns_a, turns_b]
+        for clearing in (side_clear.click, chat_a.clear, chat_b.clear):  # the button, or either chat's bin
+            clearing(lambda: ([], [], [], []), None, side_state, cancels=[side_sent, side_redone])
         model_a.change(lambda name: gr.Chatbot(label=f"A: {name}"), model_a, chat_a)
         model_b.change(lambda name: gr.Chatbot(label=f"B: {name}"), model_b, chat_b)
     return page

@@ -132,7 +132,9 @@ def test_side_by_side_shows_both_models_answers(browser, page_url, services, tmp
     page.get_by_role("tab", name="Side by side").click()
     driver.ask(page, "side-input", QUESTIONS[0], [IMAGE])
     answers = {name: expected(service, [(QUESTIONS[0], None)]) for name, service in services.items()}
-    assert driver.wait_for_answer(page, "side-a", answers["tuned"]) != driver.wait_for_answer(page, "side-b", answers["untrained"])
+    shown_a = driver.wait_for_answer(page, "side-a", answers["tuned"])
+    shown_b = driver.wait_for_answer(page, "side-b", answers["untrained"])
+    assert shown_a != shown_b
     assert page.locator("#side-a .user img").count() == page.locator("#side-b .user img").count() == 1
     page.screenshot(path=str(tmp_path / "webui-side-by-side.png"), full_page=True)
     page.close()
