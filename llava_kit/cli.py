@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llava_kit.train.engine import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg)
+    run_dir = train(cfg, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/deepspeed every rank returns here
         print(run_dir, file=args.results)
     return 0
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config keys (e.g. output_dir=runs/x train.max_steps=100 model.lora.r=16).")
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys, dotted for nesting")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir (its weights, checkpoints, metrics); without it such "
+                        "a directory is refused unless the config resumes it (train.resume_from_checkpoint)")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("merge", help="fold projector and LoRA into one standalone model directory",
@@ -426,7 +429,13 @@ def _run_caption(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the chosen subcommand; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `train CONFIG --overwrite key=value`: argparse leaves overrides written after an option unparsed
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2

@@ -287,11 +287,11 @@ def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: Eva
     memory, parameters, tokens = training_memory_bytes(sft_cfg)
     start = time.perf_counter()
     if parameters:
-        train(pretrain_cfg)
+        train(pretrain_cfg, overwrite=True)  # the comparison owns its output_dir: a rerun replaces its runs
     else:
         logger.info("%s has no parameters: nothing to pretrain, sft trains the LLM alone", name)
         pretrain_cfg, sft_cfg = projector_run_configs(pretrain, sft, name, options, runs_dir, with_pretrain=False)
-    sft_dir = train(sft_cfg)
+    sft_dir = train(sft_cfg, overwrite=True)
     train_seconds = time.perf_counter() - start
     step_time, final_loss = _sft_metrics(sft_dir, sft_cfg.train.max_steps)
     service = GenerationService.from_loaded(open_model_dir(sft_dir))

@@ -169,7 +169,7 @@ def prepare_shapes(recipe: DemoRecipe, workdir: str | Path, timings: dict | None
     with _stage("text-pt", timings):
         logger.info("the tiny random LLM first learns the training captions as plain text, standing in for a "
                     "real LLM's language pretraining")
-        text_pt_dir = train(load_config(configs["text-pt"]))
+        text_pt_dir = train(load_config(configs["text-pt"]), overwrite=True)  # the demo owns its workdir
     return {**data, "vision": models["vision"], "llm": text_pt_dir / "llm", "configs": configs}
 
 
@@ -190,9 +190,9 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     prepared = prepare_shapes(recipe, workdir, timings)
     configs = prepared["configs"]
     with _stage("pretrain", timings):
-        train(load_config(configs["pretrain"]))
+        train(load_config(configs["pretrain"]), overwrite=True)
     with _stage("sft", timings):
-        sft_dir = train(load_config(configs["sft"]))
+        sft_dir = train(load_config(configs["sft"]), overwrite=True)
     with _stage("merge", timings):
         merged = merge_run(sft_dir, workdir / "merged")
     with _stage("eval", timings):

@@ -16,78 +16,31 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainingArguments, set_seed
 
 from llava_kit.config import RunConfig, save_config
-from llava_kit.data.dataset import Collator, LlavaDataset
+from llava_kit.data.dataset import Collator
 from llava_kit.data.packing import PackedCollator
-from llava_kit.data.sampling import ModalityLengthGroupedSampler
-from llava_kit.errors import ModelLoadError, PathNotFoundError
 from llava_kit.modality import modality_for_stage
 from llava_kit.model.trainable import check_qlora_available
+from llava_kit.train.checkpoints import check_checkpoint, latest_checkpoint, prepare_run_dir, remove_stale_staging
 from llava_kit.train.plots import plot_loss
+from llava_kit.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
 
 
-class LlavaTrainer(Trainer):
-    """Trainer with a separate projector learning rate, saving only the trained weights in checkpoints."""
-
-    def __init__(self, *args, projector_learning_rate: float | None = None, group_by_length: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.projector_learning_rate = projector_learning_rate
-        self.group_by_length = group_by_length
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not (self.group_by_length and isinstance(dataset, LlavaDataset)):
-            return super()._get_train_sampler(train_dataset)
-        args = self.args
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        return ModalityLengthGroupedSampler(dataset.lengths, dataset.has_images, global_batch, seed=args.seed)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None and self.projector_learning_rate is not None:
-            model = model or self.model
-            decay = set(self.get_decay_parameter_names(model))
-            groups: dict[tuple[float, float], list] = {}
-            for name, param in model.named_parameters():
-                if not param.requires_grad:
-                    continue
-                is_projector = name.startswith("multi_modal_projector.")
-                lr = self.projector_learning_rate if is_projector else self.args.learning_rate
-                weight_decay = self.args.weight_decay if name in decay else 0.0
-                groups.setdefault((lr, weight_decay), []).append(param)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            self.optimizer = optimizer_cls(
-                [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()], **optimizer_kwargs)
-        return super().create_optimizer(model)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # Checkpoints hold only the trainable tensors (resume loads them non-strictly onto the rebuilt base). Under
-        # DeepSpeed the Trainer hands over the whole gathered model: filter that too, or each checkpoint is a full copy.
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        state_dict = self.model.state_dict() if state_dict is None else state_dict
-        super()._save(output_dir, state_dict={k: v for k, v in state_dict.items() if k in trainable})
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # Our checkpoints hold exactly the trainable tensors: load them, and refuse a checkpoint of another run
-        # (different trainability or LoRA settings) instead of resuming with half the weights silently fresh.
-        model = model or self.model
-        path = Path(resume_from_checkpoint) / "model.safetensors"
-        if not path.is_file():
-            raise PathNotFoundError(f"{path} is missing; resume_from_checkpoint must be a checkpoint-N directory "
-                                    "written by llava-kit train (or `latest`)")
-        state = load_file(str(path))
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(trainable - state.keys()), sorted(state.keys() - trainable)
-        if missing or unexpected:
-            raise ModelLoadError(f"checkpoint {resume_from_checkpoint} does not match this run's trainable weights "
-                             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); resume with the same config")
-        model.load_state_dict(state, strict=False)
+def resolve_resume(run_dir: Path, requested: str | None) -> Path | None:
+    """The checkpoint a run resumes from (`latest`: the newest complete one), checked file by file first."""
+    if not requested:
+        return None
+    checkpoint = latest_checkpoint(run_dir) if requested == "latest" else Path(requested)
+    if checkpoint is None:
+        logger.warning("resume_from_checkpoint=latest but %s has no complete checkpoint-N; starting fresh", run_dir)
+        return None
+    check_checkpoint(checkpoint)
+    logger.info("resuming from %s", checkpoint)
+    return checkpoint
 
 
 def on_gpu(cfg: RunConfig) -> bool:
@@ -133,12 +86,17 @@ def training_arguments(cfg: RunConfig, precision: str) -> TrainingArguments:
     )
 
 
-def train(cfg: RunConfig) -> Path:
-    """Run one stage described by a validated config; returns the run directory."""
+def train(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Run one stage described by a validated config; returns the run directory.
+
+    A directory that already holds a run is refused unless the config resumes it or `overwrite` replaces it."""
     if cfg.model.trainable.llm == "qlora":
         check_qlora_available()  # before anything is written or loaded
     run_dir = Path(cfg.output_dir)
+    resume = resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
+    prepare_run_dir(run_dir, cfg.train.resume_from_checkpoint, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.seed)
     gpu = on_gpu(cfg)
@@ -163,12 +121,7 @@ def train(cfg: RunConfig) -> Path:
         model=model, args=args, train_dataset=dataset,
         data_collator=(PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id),
         projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length)
-    resume = cfg.train.resume_from_checkpoint
-    if resume == "latest":
-        resume = get_last_checkpoint(str(run_dir))
-        if resume is None:
-            logger.warning("resume_from_checkpoint=latest but %s has no checkpoint-N; starting fresh", run_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     # Every process takes part in saving (ZeRO-3 gathers partitioned weights collectively); rank 0 writes.
     writer = trainer.is_world_process_zero()
