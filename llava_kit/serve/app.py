@@ -105,12 +105,8 @@ def openai_router(workers: dict[str, ModelWorker], settings: ServerSettings) -> 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         raw = await _read_body(request, settings)
-        try:  # pydantic parses in Rust without holding the loop for long; the images and tokenizer go to a thread
-            body = ChatCompletionRequest.model_validate_json(raw)
-        except ValidationError as err:
-            raise validation_error(err) from None
-        worker = _worker_for(workers, body.model)
-        chat_request, include_usage = await run_in_threadpool(_prepare, worker, body, settings)
+        # parsing, decoding images and tokenizing take CPU time: a thread does them, so the loop keeps serving
+        worker, chat_request, include_usage = await run_in_threadpool(_parse, raw, workers, settings)
         job = _submit(worker, chat_request)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         if chat_request.stream:
@@ -187,8 +183,15 @@ def _worker_for(workers: dict[str, ModelWorker], model: str | None) -> ModelWork
     return workers[model]
 
 
-def _prepare(worker: ModelWorker, body: ChatCompletionRequest, settings: ServerSettings) -> tuple[ChatRequest, bool]:
-    """Decode the images and encode the prompt (in a thread); a 400 naming the problem when the client's."""
+def _parse(raw: bytes, workers: dict[str, ModelWorker],
+           settings: ServerSettings) -> tuple[ModelWorker, ChatRequest, bool]:
+    """The body -> (the model's worker, the encoded request, include_usage); an ApiError (4xx) naming the problem
+    when it is the client's."""
+    try:
+        body = ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as err:
+        raise validation_error(err) from None
+    worker = _worker_for(workers, body.model)
     try:
         conversation = conversation_of(body, settings)
         request = worker.prepare(conversation.messages, conversation.images, conversation.params,
@@ -197,7 +200,7 @@ def _prepare(worker: ModelWorker, body: ChatCompletionRequest, settings: ServerS
         raise ApiError(400, str(err), err.param) from None
     except LlavaKitError as err:  # a prompt over the limit of tokens, images for a text-only model
         raise ApiError(400, str(err), "messages") from None
-    return request, conversation.include_usage
+    return worker, request, conversation.include_usage
 
 
 def _submit(worker: ModelWorker, request: ChatRequest) -> Job:
