@@ -45,14 +45,15 @@ def make_config(tiny_dirs, tmp_path):
 
 @pytest.fixture(scope="session")
 def answering_model(tiny_dirs, tmp_path_factory) -> Path:
-    """The tiny models fine-tuned (sft, the whole LLM, 20 steps) until they answer the shapes questions in a few
-    words and end the turn with chatml's <|im_end|>, merged: for tests that need answers that end by themselves
-    and stream in several words."""
+    """The tiny models fine-tuned (sft, the whole LLM, 20 steps of 2 samples) until they answer the shapes
+    questions in a few words ("A is a.") and end the turn with chatml's <|im_end|>, merged: for tests that need
+    answers that end by themselves and stream in several words."""
     from llava_kit.config import config_from_dict
     from llava_kit.export.merge import merge_run
     from llava_kit.train.engine import train
 
     root = tmp_path_factory.mktemp("answering")
     cfg = config_from_dict(tiny_config(tiny_dirs, root / "sft", "sft", **{
-        "model.trainable.llm": "full", "train.max_steps": 20, "train.learning_rate": 1e-3}))
+        "model.trainable.llm": "full", "train.max_steps": 20, "train.micro_batch_size": 2,
+        "train.learning_rate": 2e-3}))
     return merge_run(train(cfg), root / "merged")
