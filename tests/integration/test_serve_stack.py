@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from llava_kit.config import ModelConfig
 from llava_kit.inference import GenerationService, SamplingParams
@@ -387,3 +388,30 @@ def test_several_models_are_chosen_by_name(service, tiny_dirs):
             assert data["choices"][0]["message"]["content"] == expected.text
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+def test_sampling_options_reach_the_generation_service(server, service):
+    messages = [{"role": "user", "content": "<image>\n" + QUESTIONS[0]}]
+    image = Image.open(IMAGES[0]).convert("RGB")
+
+    def direct(**params) -> str:
+        return service.answer(messages, [image], SamplingParams(**params)).text
+
+    sampled = chat_body(IMAGES[0], QUESTIONS[0], 8, temperature=0.9, top_p=0.95, seed=7)
+    first, second = post(server, sampled)[2], post(server, sampled)[2]
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"] \
+        == direct(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=7)
+    greedy = direct(max_new_tokens=6)
+    status, _, data = post(server, chat_body(IMAGES[0], QUESTIONS[0], 99, max_completion_tokens=6))
+    assert data["choices"][0]["message"]["content"] == greedy and data["usage"]["completion_tokens"] == 6
+    status, _, data = post(server, chat_body(IMAGES[0], QUESTIONS[0], 6, stop="never said"))  # cutting: the
+    assert data["choices"][0]["message"]["content"] == greedy  # service's own tests (test_generation_service.py)
+    status, _, data = post(server, chat_body(IMAGES[0], QUESTIONS[0], 6, stream=True,
+                                             stream_options={"include_usage": True}))
+    events = [json.loads(line[len("data: "):]) for line in data["events"].splitlines()
+              if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]).strip() == greedy
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+    assert data["events"].rstrip().endswith("data: [DONE]")
