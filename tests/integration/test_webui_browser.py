@@ -71,7 +71,7 @@ def serve_page(services, settings: ServerSettings):
 
 
 @pytest.fixture(scope="module")
-def page_url(services, chromium_path):
+def page_url(chromium_path, services):
     server, url = serve_page(services, ServerSettings(max_new_tokens=MAX_NEW_TOKENS))
     yield url
     server.shutdown()
