@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,15 @@ def answering_model(tiny_dirs, tmp_path_factory) -> Path:
         "model.trainable.llm": "full", "train.max_steps": 20, "train.micro_batch_size": 2,
         "train.learning_rate": 2e-3}))
     return merge_run(train(cfg), root / "merged")
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """LLAVA_KIT_DEMO_MODEL, or a freshly trained demo's merged model (~5-15 min on 2 cores; slow tests only)."""
+    if os.environ.get("LLAVA_KIT_DEMO_MODEL"):
+        return Path(os.environ["LLAVA_KIT_DEMO_MODEL"])
+    workdir = tmp_path_factory.mktemp("demo")
+    result = subprocess.run([sys.executable, "-m", "llava_kit.cli", "demo", "--workdir", str(workdir)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "merged"
