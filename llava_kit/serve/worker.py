@@ -81,6 +81,7 @@ class Job:
 
     @property
     def cancelled(self) -> bool:
+        """Whether the job was cancelled (its client went away, or the server is stopping)."""
         return self._cancelled.is_set()
 
     async def stream(self) -> AsyncIterator[str]:
@@ -141,6 +142,7 @@ class ModelWorker:
 
     @property
     def supports_images(self) -> bool:
+        """Whether the model reads images (a multimodal model) or text only."""
         return self.service.supports_images
 
     @property
@@ -154,6 +156,7 @@ class ModelWorker:
         return len(self._waiting)
 
     def start(self) -> ModelWorker:
+        """Start the worker thread; returns the worker."""
         self._thread.start()
         return self
 
