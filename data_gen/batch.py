@@ -123,6 +123,7 @@ class _Submitter:
             raise _CreateError(uploaded.id) from exc  # the message names the file so the user can look it up
         self.state.append({"batch_id": batch.id, "input_file_id": uploaded.id, "ids": self.ids})
         _save_state(self.job.options.output, self.state)
+        self.job.submitted.update(dict.fromkeys(self.ids, batch.id))
         log.info("submitted batch %s with %d requests (%.1f MB)", batch.id, len(self.ids), self.size / 1e6)
         self.lines, self.ids, self.size = [], [], 0
 
@@ -132,6 +133,7 @@ async def _submit(job: Job, client: Any, client_options: ClientOptions, options:
     from data_gen.images import encode_image
 
     pending = {item_id for entry in state for item_id in entry["ids"]}
+    job.submitted.update({item_id: entry["batch_id"] for entry in state for item_id in entry["ids"]})
     todo = [img for img in job.todo if job.item_id(img) not in pending]
     if pending:
         log.info("%d images are in batches submitted earlier: collecting those, not resubmitting", len(pending))

@@ -110,6 +110,7 @@ def _run_caption(args: argparse.Namespace) -> int:
         return _export(opts)
 
     from data_gen import cost
+    from data_gen.lock import OutputLockedError
     from data_gen.prompts import PromptFileError
     from data_gen.run import Job
     from data_gen.store import CorruptOutputError
@@ -122,7 +123,7 @@ def _run_caption(args: argparse.Namespace) -> int:
     client_options = opts.client_options()
     try:
         job = Job.open(opts.run_options(), opts.model, dry_run=opts.dry_run)
-    except (PromptFileError, CorruptOutputError, OSError) as exc:
+    except (PromptFileError, CorruptOutputError, OutputLockedError, OSError) as exc:
         return _fail(str(exc))
     if opts.dry_run:
         return _dry_run(job, client_options, price, opts.batch)

@@ -218,19 +218,19 @@ class RateLimiter:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     async def acquire(self) -> None:
-        """Wait until this request may start."""
+        """Wait until this request may start: after any pause, and `interval` after the previous start.
+
+        Both are checked again after every sleep, and the start is taken with no await between check and
+        claim: a waiter that wakes late (a busy machine) cannot start together with the next one, and a
+        pause that begins while a waiter sleeps holds it back too.
+        """
         while True:
             now = time.monotonic()
-            if now < self._paused_until:
-                await asyncio.sleep(self._paused_until - now)
-                continue
-            if not self.interval:
+            wait = max(self._paused_until, self._next_start) - now
+            if wait <= 0:
+                self._next_start = now + self.interval
                 return
-            start = max(now, self._next_start)
-            self._next_start = start + self.interval  # reserve the slot before sleeping: no await in between
-            if start > now:
-                await asyncio.sleep(start - now)
-            return
+            await asyncio.sleep(wait)
 
 
 async def _with_deadline(awaitable: Any, seconds: float) -> Any:

@@ -4,8 +4,10 @@
     summary = run_online(job, ClientOptions(model="gpt-4o"), api_key)
 
 Every unique image ends exactly once in OUT.jsonl (a record keyed by image hash + task) or in
-OUT.errors.jsonl (with a reason). Rerunning the same command skips the done ids and retries the rest;
-`--batch` (batch.py) shares this Job and differs only in how requests are sent.
+OUT.errors.jsonl (with a reason; a run stopped by a fatal error or Ctrl-C lists what it did not finish
+as `not_attempted`, `stopped` or `batch_pending`). Rerunning the same command skips the done ids and
+retries the rest; `--batch` (batch.py) shares this Job and differs only in how requests are sent. Only
+one run at a time may write an output (lock.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from data_gen.client import (
     VisionClient,
     backoff_delay,
 )
+from data_gen.lock import OutputLock
 from data_gen.prompts import AnswerError, Task, get_task, sample_question, to_conversations
 from data_gen.scan import ImageFile, ScanResult, scan_folder
 from data_gen.store import ErrorLog, OutputStore, errors_path
@@ -77,8 +80,11 @@ class Summary:
     skipped: int = 0
     done: int = 0
     todo: int = 0
+    beyond_limit: int = 0
     failed: Counter = field(default_factory=Counter)
     retries: Counter = field(default_factory=Counter)
+    unfinished: Counter = field(default_factory=Counter)
+    """Images of a stopped run listed in the errors file by reason (not_attempted, stopped, batch_pending)."""
     duplicates: int = 0
     unreadable_at_scan: int = 0
     prompt_tokens: int = 0
@@ -112,11 +118,15 @@ class Summary:
             out.append("retries by reason: " + ", ".join(f"{k} {v}" for k, v in self.retries.most_common()))
         missing = self.todo - self.done - (failed - self.unreadable_at_scan)  # scan failures are not in todo
         if missing > 0:
-            out.append(f"not attempted (run stopped): {missing}")
+            listed = ", ".join(f"{k} {v}" for k, v in sorted(self.unfinished.items()))
+            out.append(f"not attempted (run stopped): {missing}" + (f", listed in the errors file as {listed}"
+                                                                     if listed else ""))
+        if self.beyond_limit:
+            out.append(f"left for a later run (--limit): {self.beyond_limit}")
         tokens = f"tokens used: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
         out.append(tokens + (f" (about ${usd:.4f} at list price)" if usd is not None else ""))
         out.append(f"dataset: {output}  errors: {errors_path(output)}")
-        if failed or missing > 0 or self.interrupted:
+        if failed or missing > 0 or self.interrupted or self.beyond_limit:
             out.append("rerun the same command to retry what failed or is missing; finished images are skipped")
         return out
 
@@ -125,35 +135,52 @@ class Job:
     """State shared by the online and batch runs: the scan, the task, the output files and the counts."""
 
     def __init__(self, options: RunOptions, model: str, scan: ScanResult, task: Task, store: OutputStore,
-                 errors: ErrorLog | None) -> None:
+                 errors: ErrorLog | None, lock: OutputLock | None = None) -> None:
         self.options = options
         self.model = model
         self.scan = scan
         self.task = task
         self.store = store
         self.errors = errors
+        self.lock = lock
+        self.failed_ids: set[str] = set()
+        self.attempts: Counter = Counter()  # requests sent per item id (online runs)
+        self.submitted: dict[str, str] = {}  # item id -> id of the batch it is in (--batch runs)
         self.summary = Summary(found=scan.files_seen, unique=len(scan.images), duplicates=len(scan.duplicates),
                                unreadable_at_scan=len(scan.unreadable))
         self.todo = [img for img in scan.images if self.item_id(img) not in store.done]
         self.summary.skipped = len(scan.images) - len(self.todo)
         if options.limit is not None:
+            self.summary.beyond_limit = max(0, len(self.todo) - options.limit)
             self.todo = self.todo[: options.limit]
         self.summary.todo = len(self.todo)
 
     @classmethod
     def open(cls, options: RunOptions, model: str, *, dry_run: bool = False) -> Job:
-        """Scan the folder and open the output files (read-only for a dry run)."""
+        """Scan the folder and open the output files (read-only for a dry run).
+
+        A real run first takes the output's lock (lock.py): OutputLockedError while another run writes it.
+        """
         task = get_task(options.task, options.prompt_file, options.raw_prompt)
-        scan = _scan_with_progress(options.image_dir, options.progress)
-        store = OutputStore(options.output, readonly=dry_run)
-        errors = None if dry_run else ErrorLog(errors_path(options.output))
-        job = cls(options, model, scan, task, store, errors)
+        lock = None
+        if not dry_run:
+            lock = OutputLock(options.output)
+            lock.acquire()  # before anything is read or written: the files are the holder's
+        try:
+            scan = _scan_with_progress(options.image_dir, options.progress)
+            store = OutputStore(options.output, readonly=dry_run)
+            errors = None if dry_run else ErrorLog(errors_path(options.output))
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        job = cls(options, model, scan, task, store, errors, lock)
         if not scan.files_seen:
             log.warning("no images (jpg, jpeg, png, webp, gif, bmp) found under %s", options.image_dir)
         if errors is not None:
             retried = sum(1 for e in errors.previous if "id" in e)  # scan problems have no id and no retry
             if retried:
-                log.info("retrying the %d images that failed in the previous run", retried)
+                log.info("retrying the %d images that failed or were not finished in the previous run", retried)
             for problem in scan.unreadable + scan.duplicates:
                 job.fail_problem(problem.rel, problem.reason, problem.detail, problem.sha256)
         return job
@@ -180,6 +207,7 @@ class Job:
     def fail(self, img: ImageFile, reason: str, detail: str, attempts: int) -> None:
         """Record that an image will not be in the dataset this run, and why."""
         self.summary.failed[reason] += 1
+        self.failed_ids.add(self.item_id(img))
         if self.errors is not None:
             self.errors.write({"id": self.item_id(img), "image": img.rel, "task": self.task.label, "reason": reason,
                                "detail": detail, "attempts": attempts, "sha256": img.sha256})
@@ -191,11 +219,41 @@ class Job:
         if self.errors is not None:
             self.errors.write({"image": rel, "reason": reason, "detail": detail, "sha256": sha256})
 
+    def account_unfinished(self, cause: str) -> None:
+        """After a stop (fatal error, Ctrl-C): list each image of this run that is neither done nor failed.
+
+        `not_attempted`: never sent; `stopped`: sent, but the run stopped before a usable answer came;
+        `batch_pending`: in a submitted batch that a rerun with --batch collects. A rerun retries them
+        all (the errors file is only a report: whatever is not in OUT.jsonl is sent again).
+        """
+        if self.errors is None:
+            return
+        for img in self.todo:
+            item_id = self.item_id(img)
+            if item_id in self.store.done or item_id in self.failed_ids:
+                continue
+            attempts = self.attempts[item_id]
+            if item_id in self.submitted:
+                reason = "batch_pending"
+                detail = (f"in batch {self.submitted[item_id]}, not collected when the run stopped ({cause}); "
+                          "rerun with --batch to collect it without paying again")
+            elif attempts:
+                reason, detail = "stopped", f"sent, but the run stopped before a usable answer came ({cause})"
+            else:
+                reason, detail = "not_attempted", f"never sent: the run stopped first ({cause})"
+            self.summary.unfinished[reason] += 1
+            self.errors.write({"id": item_id, "image": img.rel, "task": self.task.label, "reason": reason,
+                               "detail": detail, "attempts": attempts, "sha256": img.sha256})
+
     def close(self) -> None:
-        """Flush and close the output files."""
-        self.store.close()
-        if self.errors is not None:
-            self.errors.close()
+        """Flush and close the output files, then release the output's lock."""
+        try:
+            self.store.close()
+            if self.errors is not None:
+                self.errors.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def _progress_bar(total: int, enabled: bool, unit: str, desc: str) -> Any:
@@ -222,12 +280,12 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
     while True:
         await limiter.acquire()
         try:
+            job.attempts[job.item_id(img)] += 1
             reply = await client.complete(job.task, image_url)
             job.accept(img, reply)
             return
         except TransientError as exc:
             transient += 1
-            job.summary.retries[exc.reason] += 1
             if transient > options.max_retries:
                 if client.successes == 0 and exc.reason in ("connection_error", "timeout"):
                     where = client.options.base_url or "api.openai.com"
@@ -237,6 +295,7 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
                     ) from None
                 job.fail(img, exc.reason, exc.detail, transient + invalid)
                 return
+            job.summary.retries[exc.reason] += 1  # counted only when a retry follows
             delay = backoff_delay(transient, exc.retry_after, base=options.retry_delay)
             if exc.reason == "rate_limited":
                 limiter.pause(delay)  # the limit is the account's: everyone waits, not just this worker
@@ -244,10 +303,10 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
             await asyncio.sleep(delay)
         except AnswerError as exc:
             invalid += 1
-            job.summary.retries[exc.reason] += 1
             if invalid > options.validation_retries:
                 job.fail(img, exc.reason, exc.detail, transient + invalid)
                 return
+            job.summary.retries[exc.reason] += 1
             log.debug("%s: unusable answer (%s); asking again", img.rel, exc)
 
 
@@ -323,7 +382,10 @@ def run_online(job: Job, client_options: ClientOptions, api_key: str, key_env: s
 
 
 def _run_guarded(job: Job, main: Any) -> Summary:
-    """asyncio.run(main()) with fatal errors and Ctrl-C turned into the summary; closes the job."""
+    """asyncio.run(main()) with fatal errors and Ctrl-C turned into the summary; closes the job.
+
+    After a stop, every image not finished is listed in the errors file (Job.account_unfinished).
+    """
     start = time.monotonic()
     try:
         asyncio.run(main())
@@ -335,5 +397,12 @@ def _run_guarded(job: Job, main: Any) -> Summary:
         job.summary.fatal = f"stopped by an OS error: {exc}. Fix it (disk space, paths, permissions), then rerun."
     finally:
         job.summary.elapsed = time.monotonic() - start
-        job.close()
+        try:
+            if job.summary.fatal or job.summary.interrupted:
+                cause = job.summary.fatal.splitlines()[0] if job.summary.fatal else "interrupted"
+                job.account_unfinished(cause)
+        except OSError as exc:  # the disk that stopped the run may refuse the list too; the rerun still works
+            log.warning("could not list the unfinished images in %s: %s", errors_path(job.options.output), exc)
+        finally:
+            job.close()
     return job.summary

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -172,49 +174,92 @@ def cmd_init_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_check(args: argparse.Namespace) -> int:
-    from llava_kit.data.check import TokenCheck, check_records
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
-    tokens, cfg = None, None
+
+def _files_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Split `data check`'s positional arguments into data files and `key=value` config overrides."""
+    overrides = [i for i in items if OVERRIDE.match(i) and not Path(i).exists()]
+    return [i for i in items if i not in overrides], overrides
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from llava_kit.data.check import check_records
+
+    files, overrides = _files_and_overrides(args.data)
+    if overrides and not args.config:
+        raise UsageError(f"{overrides[0]}: key=value overrides change a training config; give --config CONFIG")
+    if not files and not args.config:
+        raise UsageError("give the data file(s) to check, or --config CONFIG to check its data")
+    cfg = None
     if args.config:
         from llava_kit.config import load_config
 
-        cfg = load_config(args.config, ["output_dir=unused"])  # a check writes nothing; any output_dir will do
-    if (cfg is not None and cfg.modality == "text") or args.format not in (None, "llava"):
-        return _data_check_text(args, cfg, args.format or cfg.data.format)
-    if not args.image_root:
-        raise UsageError("--image-root is required for LLaVA data (give --format for text data)")
-    if cfg is not None:
+        # FILE, --format and --image-root become overrides, so the config's own checks see them (formats per stage)
+        given = [f"data.path={json.dumps(files)}", "data.datasets=[]"] if files else []
+        given += [f"data.format={args.format}"] if args.format else []
+        given += [f"data.image_root={json.dumps(args.image_root)}"] if args.image_root else []
+        cfg = load_config(args.config, ["output_dir=unused", *overrides, *given])  # a check writes nothing
+    fmt = args.format or (cfg.data.format if cfg else "auto")
+    if (cfg is not None and cfg.modality == "text") or (cfg is None and fmt == "text"):
+        report = _check_text(cfg, files, fmt)
+    elif cfg is not None:
+        from llava_kit.data.multimodal import encode_settings
         from llava_kit.model.build import build_llava
 
         model, tokenizer = build_llava(cfg.model)
-        tokens = TokenCheck(tokenizer, cfg.data.template, model.image_token_id, model.tokens_per_image,
-                            cfg.data.max_seq_len)
-    valid, bad = check_records(args.data, args.image_root, tokens)
-    for record in bad:
-        print(f"{record.source}\t{record.id or '-'}\t{record.reason}", file=args.results)
-    print(f"valid: {valid} invalid: {len(bad)}", file=args.results)
-    return 0 if not bad else 1
+        report = check_records(cfg.data.path, cfg.data.format, cfg.stage, cfg.data.image_root,
+                               encode_settings(cfg, model, tokenizer))
+    else:
+        report = check_records(files, fmt, None, args.image_root)
+    _print_check(report, cfg, args.results)
+    return 0 if not report.skipped else 1
 
 
-def _data_check_text(args: argparse.Namespace, cfg, text_format: str) -> int:
+def _check_text(cfg, files: list[str], fmt: str):
     from llava_kit.config import DataConfig
     from llava_kit.data.check import check_text_records
 
-    tokenizer = None
-    if cfg is not None:
+    if cfg is None:
+        stage, data, tokenizer = ("text-pt" if fmt == "text" else "text-sft"), DataConfig(), None
+        data.format = "auto" if fmt == "text" else fmt
+    else:
         from llava_kit.model.build import load_tokenizer
 
         stage, data = cfg.stage, cfg.data
         tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path,
                                    cfg.model.llm.trust_remote_code)
-    else:
-        stage, data = ("text-pt" if text_format == "text" else "text-sft"), DataConfig()
-    data.format = "auto" if text_format == "text" else text_format
-    valid, bad = check_text_records(args.data, data, stage, tokenizer)
+    return check_text_records(files or None, data, stage, tokenizer)
+
+
+def _print_check(report, cfg, out) -> None:
+    """Every bad record (source, id, reason), the token lengths, whether training would stop, `valid: N invalid: M`."""
+    from llava_kit.data.dataset import OverlongError, check_lengths
+
+    report.log()
+    for record in report.skipped:
+        print(f"{record.source}\t{record.id or '-'}\t{record.reason}", file=out)
+    lengths = report.length_summary()
+    if lengths:
+        fit = (f"; {lengths['fit_max_seq_len']:.1%} fit data.max_seq_len {report.max_seq_len} "
+               f"(data.overlong: {report.overlong})") if "fit_max_seq_len" in lengths else ""
+        print(f"tokens per record: p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, "
+              f"max {lengths['max']}{fit}", file=out)
+    if cfg is not None:
+        try:
+            check_lengths(report, cfg.data.min_kept_fraction)
+        except OverlongError as err:
+            print(f"training would stop: {err}", file=out)
+    print(f"valid: {report.kept} invalid: {len(report.skipped)}", file=out)
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from llava_kit.data.convert import convert
+
+    written, bad, _ = convert(args.data, args.output, args.to, args.format, args.dataset_info)
     for record in bad:
         print(f"{record.source}\t{record.id or '-'}\t{record.reason}", file=args.results)
-    print(f"valid: {valid} invalid: {len(bad)}", file=args.results)
+    print(f"converted: {written} skipped: {len(bad)} -> {args.output}", file=args.results)
     return 0 if not bad else 1
 
 
@@ -261,7 +306,7 @@ def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand (cheap: no torch import)."""
-    from llava_kit.config import DATA_FORMATS
+    from llava_kit.config import DATA_FORMATS, WRITABLE_FORMATS
     from llava_kit.schema import add_arguments
     from llava_kit.serve.settings import CLI_FIELDS as SERVE_FIELDS
     from llava_kit.serve.settings import WEBUI_FIELDS, WEBUI_PORT, ServerSettings
@@ -396,19 +441,39 @@ def build_parser() -> argparse.ArgumentParser:
                                     "OUTPUT_DIR/comparison.md)")
     p.set_defaults(handler=cmd_compare_projectors)
 
-    p = sub.add_parser("data", help="data tools (`llava-kit data check`)")
+    p = sub.add_parser("data", help="data tools (`llava-kit data check`, `llava-kit data convert`)")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     c = data_sub.add_parser("check", help="list bad records with reasons; ends with `valid: N invalid: M`",
-                            description="Pre-flight check of LLaVA JSON/JSONL: broken lines, roles, empty answers, "
-                                        "<image> counts, missing/unreadable/escaping images; with --config also "
-                                        "over-long samples and fully masked labels. Exit code 1 when any is bad.")
-    c.add_argument("data", nargs="+", help="LLaVA JSON or JSONL file(s), or text data with --format")
-    c.add_argument("--image-root", help="directory the `image` paths are relative to (LLaVA data)")
+                            description="Pre-flight check of training data in any format the readers take (LLaVA, "
+                                        "ShareGPT, OpenAI, Alpaca, MOSS, text, LLaMA-Factory dataset_info.json#NAME): "
+                                        "broken lines, roles, empty answers, <image> counts, missing, unreadable "
+                                        "(decoded whole) or escaping images. With --config, that stage's own steps: "
+                                        "its tokenizer and template, over-long records under data.overlong, token "
+                                        "length percentiles, and whether training would stop. Exit code 1 when any "
+                                        "record is bad.")
+    c.add_argument("data", nargs="*", metavar="FILE_OR_KEY=VALUE",
+                   help="data file(s) to check (default: the --config's data), and key=value overrides of --config "
+                        "(e.g. data.max_seq_len=512)")
+    c.add_argument("--image-root", help="directory the records' image paths are relative to")
     c.add_argument("--format", choices=DATA_FORMATS,
-                   help="text data: `text` (text-pt), a conversation format or `auto` (text-sft); "
-                        "default: llava, or the format of a text-stage --config")
-    c.add_argument("--config", help="a training config: also check lengths and labels with its tokenizer/template")
+                   help="record format (default: auto, detected per file; or the --config's data.format); `text` is "
+                        "raw text for text-pt")
+    c.add_argument("--config", help="a training config: check as that stage trains (tokenizer, template, "
+                                    "max_seq_len, over-long policy)")
     c.set_defaults(handler=cmd_data_check)
+    c = data_sub.add_parser("convert", help="convert data between formats (llava, sharegpt, openai)",
+                            description="Read data in any format the readers take and write it as LLaVA JSON, "
+                                        "LLaMA-Factory's ShareGPT or OpenAI messages (.json: one array, .jsonl: one "
+                                        "record per line). Records that cannot be read or written in the target "
+                                        "format are listed with their reason (exit code 1).")
+    c.add_argument("data", nargs="+", help="input file(s), or a LLaMA-Factory entry DIR/dataset_info.json#NAME")
+    c.add_argument("-o", "--output", required=True, help="output .json or .jsonl file")
+    c.add_argument("--to", required=True, choices=WRITABLE_FORMATS, help="output format")
+    c.add_argument("--format", default="auto", choices=[f for f in DATA_FORMATS if f != "text"],
+                   help="input record format (default auto: detected per file)")
+    c.add_argument("--dataset-info", action="store_true",
+                   help="also add an entry for OUTPUT to the dataset_info.json beside it (LLaMA-Factory; --to sharegpt)")
+    c.set_defaults(handler=cmd_data_convert)
 
     from data_gen.cli import add_caption_arguments  # torch-free
 
@@ -434,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra and isinstance(getattr(args, "overrides", None), list) and all(
             "=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
+    elif extra and getattr(args, "data_command", None) == "check" and not any(e.startswith("-") for e in extra):
+        args.data += extra  # `data check FILE --config CFG key=value`: files and overrides after the options
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "handler", None) is None:

@@ -26,13 +26,21 @@ STAGES = tuple(STAGE_MODALITY)
 MULTIMODAL_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "multimodal")
 TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")
 
-# Record formats, written out once: the conversation formats text-sft reads (llava JSON without images too), and
-# every value of `data.format` (`text` is raw text for text-pt; `auto` detects the format from the keys).
+# Record formats, written out once (llava_kit/data/readers/ has one reader per name; docs/data.md describes them):
+# the conversation formats, those of them whose records may carry images, and every value of `data.format` (`text`
+# is raw text for text-pt; `auto` detects each file's format from its records' keys).
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "openai", "moss", "llava")
+IMAGE_FORMATS = ("llava", "sharegpt", "openai", "alpaca")
+WRITABLE_FORMATS = ("llava", "sharegpt", "openai")  # what `llava-kit data convert --to` writes
 DATA_FORMATS = ("auto", "text", *CONVERSATION_FORMATS)
-# Formats each stage reads: raw text for text-pt, conversations for text-sft, LLaVA JSON for the multimodal stages.
-STAGE_FORMATS = {"pretrain": ("auto", "llava"), "sft": ("auto", "llava"), "text-pt": ("auto", "text"),
+# The one rule of which stage reads which formats: raw text for text-pt, any conversation for text-sft (records with
+# images are refused there), conversations that may carry images for the multimodal stages.
+STAGE_FORMATS = {"pretrain": ("auto", *IMAGE_FORMATS), "sft": ("auto", *IMAGE_FORMATS), "text-pt": ("auto", "text"),
                  "text-sft": ("auto", *CONVERSATION_FORMATS)}
+# What a stage does with a record longer than data.max_seq_len (data.overlong), and its default per stage: a cut
+# answer teaches answers that stop mid-way, so conversations skip; a raw-text document cut at the limit is still text.
+OVERLONG_POLICIES = ("skip", "truncate", "error")
+STAGE_OVERLONG = {"pretrain": "skip", "sft": "skip", "text-pt": "truncate", "text-sft": "skip"}
 DATASET_KEYS = ("path", "format", "weight", "split", "subset")
 # Chat template names (llava_kit/data/templates.py renders them); here so that config checks them without importing
 # the data layer.
@@ -126,9 +134,11 @@ class ModelConfig(Schema):
 
 class DataConfig(Schema):
     path: str | list[str] = ""
-    """Data file(s): LLaVA JSON/JSONL for pretrain/sft; for text stages .txt, .json, .jsonl or a `datasets` hub name."""
+    """Data file(s): .json (an array) or .jsonl in any format `format` names, a LLaMA-Factory dataset entry
+    (`DIR/dataset_info.json#NAME`), for text stages also .txt or a `datasets` hub name."""
     format: DataFormat = "auto"
-    """Record format of `path`: auto (detected from the keys), text, alpaca, sharegpt, openai, moss, llava."""
+    """Record format of `path`: auto (detected per file from the records' keys, and logged), text, alpaca, sharegpt,
+    openai, moss, llava; STAGE_FORMATS says which stage reads which."""
     datasets: list[Any] = Field(default_factory=list)
     """Text stages: several datasets mixed in one run, instead of `path`; each entry is a path, or has `path` and
     `format`, `weight` (copies of the dataset per epoch: 2.0 doubles it, 0.5 keeps a random half), and for hub
@@ -149,7 +159,13 @@ class DataConfig(Schema):
     image_aspect: Literal["pad", "resize"] = "pad"
     """`pad` pads to a square with the tower's mean colour (LLaVA-1.5); `resize` stretches."""
     max_seq_len: int = 2048
-    """Longest sequence in tokens, image tokens included; text is truncated, image tokens never."""
+    """Longest sequence in tokens, image tokens included; `overlong` says what happens to longer records."""
+    overlong: Literal[OVERLONG_POLICIES] | None = None
+    """A record longer than max_seq_len: `skip` it (reported), `truncate` it (text is cut from the end, an image never
+    in part: it goes whole), or stop with an `error`. Default by stage: truncate for text-pt, skip for the others."""
+    min_kept_fraction: float = 0.9
+    """With overlong `skip`: the least fraction of a dataset's usable records that must fit max_seq_len; below it the
+    run stops before step 1, naming the max_seq_len that keeps 99%. 0 turns the check off."""
     bad_records: Literal["skip", "error"] = "skip"
     """`skip` drops and reports bad records; `error` stops at the first one."""
     num_workers: int = 0
@@ -230,6 +246,8 @@ class RunConfig(Schema):
                 self.data.packing = self.stage == "text-pt"
         elif self.data.packing is None:
             self.data.packing = False
+        if self.data.overlong is None:
+            self.data.overlong = STAGE_OVERLONG[self.stage]
 
 
 def to_dict(cfg: Schema) -> dict:
@@ -257,7 +275,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         problems.append("`model.llm.name_or_path` is empty; e.g. lmsys/vicuna-7b-v1.5 or tiny:llm")
     paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
     if not any(paths) and not cfg.data.datasets:
-        problems.append("`data.path` is empty; point it at a LLaVA JSON or JSONL file"
+        problems.append("`data.path` is empty; point it at a data file (JSON or JSONL: LLaVA, ShareGPT, OpenAI, ...) or "
+                        "a LLaMA-Factory entry (DIR/dataset_info.json#NAME)"
                         + (" (or a text file, or list several in `data.datasets`)" if not multimodal else ""))
     problems += _data_problems(cfg, paths)
     if multimodal and not cfg.data.image_root:
@@ -276,6 +295,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         problems.append("`model.vision.feature_layer` is an empty list; give one layer (-2) or several ([-2, -5])")
     if cfg.data.max_seq_len < 16:
         problems.append(f"`data.max_seq_len` is {cfg.data.max_seq_len}; it must be at least 16")
+    if not 0 <= cfg.data.min_kept_fraction <= 1:
+        problems.append(f"`data.min_kept_fraction` must be in [0, 1] (0 turns the check off), got "
+                        f"{cfg.data.min_kept_fraction}")
     t = cfg.train
     for name in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
         if getattr(t, name) < 1:
@@ -357,10 +379,22 @@ def looks_like_hub_name(path: str) -> bool:
     return not Path(path).suffix and not Path(path).exists() and path.count("/") <= 1 and " " not in path
 
 
+def data_file_exists(path: str) -> bool:
+    """True for an existing data file, or a LLaMA-Factory entry `DIR/dataset_info.json#NAME` (or `DIR#NAME`) whose
+    dataset_info.json exists; the entry itself is checked when the data is read."""
+    location, _, entry = path.partition("#")
+    if not entry:
+        return Path(path).is_file()
+    return Path(location).is_file() or (Path(location) / "dataset_info.json").is_file()
+
+
 def _missing_paths(cfg: RunConfig, data_paths: list[str]) -> list[str]:
     problems = []
     for p in data_paths:
-        if p and not Path(p).is_file() and not (cfg.modality == "text" and looks_like_hub_name(p)):
+        if p and (Path(p) / "dataset_info.json").is_file() and "#" not in p:
+            problems.append(f"`data.path` {p!r} is a LLaMA-Factory dataset folder; name an entry: "
+                            f"{p.rstrip('/')}/dataset_info.json#NAME")
+        elif p and not data_file_exists(p) and not (cfg.modality == "text" and looks_like_hub_name(p)):
             problems.append(f"`data.path` file {p!r} does not exist")
     if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
         problems.append(f"`data.image_root` {cfg.data.image_root!r} is not a directory")

@@ -35,7 +35,15 @@ class PathNotFoundError(LlavaKitError, FileNotFoundError):
 
 
 class DataError(LlavaKitError):
-    """A data file, record or image that cannot be used as it is."""
+    """A data file, record or image that cannot be used as it is.
+
+    `kind` names the reason in a few stable words (`over-long`, `unknown role`, `image not found`): data reports
+    count skipped records by it, while the message keeps the record's details. Without one the message is the kind.
+    """
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind or message
 
 
 class RecordError(DataError):

@@ -109,7 +109,10 @@ class MultimodalModality(Modality):
     def build_dataset(self, cfg, model, tokenizer, device):
         from llava_kit.data.multimodal import build_multimodal_dataset
 
-        return build_multimodal_dataset(cfg, model, tokenizer, device)
+        dataset = _reporting(cfg, lambda: build_multimodal_dataset(cfg, model, tokenizer, device))
+        # images that fail to decode during training are added to the run's report (llava_kit/data/dataset.py)
+        getattr(dataset, "dataset", dataset).report_path = Path(cfg.output_dir) / DATA_REPORT
+        return dataset
 
     def language_model(self, model):
         return model.language_model
@@ -177,7 +180,7 @@ class TextModality(Modality):
     def build_dataset(self, cfg, model, tokenizer, device):
         from llava_kit.data.text import build_text_dataset
 
-        return build_text_dataset(cfg.data, cfg.stage, tokenizer, seed=cfg.seed)
+        return _reporting(cfg, lambda: build_text_dataset(cfg.data, cfg.stage, tokenizer, seed=cfg.seed))
 
     def language_model(self, model):
         return model
@@ -221,6 +224,24 @@ class TextModality(Modality):
             raise UsageError("this is a text-only model (no vision tower): it cannot look at images; drop the "
                              "image, or use it as model.llm of a pretrain run to give it eyes")
         return None
+
+
+DATA_REPORT = "data_report.json"
+
+
+def _reporting(cfg: RunConfig, build):
+    """Build a dataset; when the data stops the run (nothing usable, too many over-long records), log the skip
+    reasons by count and write the run's data_report.json first, so the reasons are never lost."""
+    from llava_kit.errors import DataError
+
+    try:
+        return build()
+    except DataError as err:
+        report = getattr(err, "report", None)
+        if report is not None:
+            report.log()
+            report.write(Path(cfg.output_dir) / DATA_REPORT)
+        raise
 
 
 MULTIMODAL = MultimodalModality()

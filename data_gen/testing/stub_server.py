@@ -8,6 +8,11 @@ the request's `response_format`), and can inject the failures a real vision API 
 taken first from a FIFO queue (`server.enqueue("429", "500", ...)`), then from `server.rule(body)`
 when set, else the request succeeds. It also serves the Files and Batches endpoints (`--batch`).
 
+Tests that race a client process against a signal hold requests instead of sleeping: after
+`server.hold(after=4)` the next 4 requests are answered and every later one waits, unanswered, until
+`server.release()`; `server.wait_held(n)` returns once n requests are provably in flight. A run held
+that way cannot finish before the test has sent its signal, however busy the machine is.
+
 Fault names: see `FAULTS`.
 """
 
@@ -161,6 +166,10 @@ class StubServer:
         self._queue: collections.deque[str] = collections.deque()
         self._lock = threading.RLock()
         self._released = threading.Event()
+        self._hold_changed = threading.Condition(self._lock)
+        self._holding = False
+        self._hold_pass = 0  # requests still let through before holding starts
+        self._held = 0  # requests waiting for release() now
         self._rng = random.Random(seed)
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -184,8 +193,9 @@ class StubServer:
         return self
 
     def stop(self) -> None:
-        """Release hanging requests and shut the server down."""
+        """Release hanging and held requests and shut the server down."""
         self._released.set()
+        self.release()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -215,6 +225,50 @@ class StubServer:
         if self.rule is not None:
             return self.rule(body) or "ok"
         return "ok"
+
+    # -- holding requests (for tests that must not depend on timing) -----------------------------
+    def hold(self, after: int = 0) -> None:
+        """Answer the next `after` chat requests, then hold every later one unanswered until `release()`."""
+        with self._hold_changed:
+            self._holding = True
+            self._hold_pass = after
+
+    def release(self) -> None:
+        """Answer the held requests (with their faults) and stop holding new ones."""
+        with self._hold_changed:
+            self._holding = False
+            self._hold_changed.notify_all()
+
+    @property
+    def held(self) -> int:
+        """How many chat requests are waiting for `release()` now (a client that gave up still counts)."""
+        with self._lock:
+            return self._held
+
+    def wait_held(self, count: int, timeout: float = 120.0) -> None:
+        """Block until at least `count` requests are held; TimeoutError after `timeout` seconds.
+
+        The timeout only turns a broken test into a failure instead of a hang: nothing waits for it.
+        """
+        with self._hold_changed:
+            if not self._hold_changed.wait_for(lambda: self._held >= count, timeout):
+                raise TimeoutError(f"only {self._held} of {count} requests held after {timeout:g}s")
+
+    def _wait_if_held(self) -> None:
+        """Called by each chat request on arrival: returns at once, or when `release()` is called."""
+        with self._hold_changed:
+            if not self._holding:
+                return
+            if self._hold_pass > 0:
+                self._hold_pass -= 1
+                return
+            self._held += 1
+            self._hold_changed.notify_all()
+            try:
+                while self._holding:
+                    self._hold_changed.wait()
+            finally:
+                self._held -= 1
 
     def count(self, fault: str | None = None) -> int:
         """How many chat requests arrived (with this fault, when given)."""
@@ -389,6 +443,7 @@ class _Handler(BaseHTTPRequestHandler):
             fault = "401"
         with stub._lock:
             stub.requests.append({"fault": fault, "body": body, "auth": auth, "time": time.time()})
+        stub._wait_if_held()
         if stub.latency:
             time.sleep(stub.latency)
         if fault == "hang":

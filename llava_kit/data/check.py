@@ -1,85 +1,83 @@
-"""Pre-flight check of LLaVA data: every bad record with its reason, before any training.
+"""Pre-flight check of training data: every bad record with its reason, as training would see it.
 
-    llava-kit data check data.json --image-root images/ [--model DIR_OR_CONFIG]
+    llava-kit data check [FILE ...] [--config CFG] [key=value ...] [--format F] [--image-root DIR]
 
-Checks what training would refuse: broken JSON lines, bad roles, empty answers, `<image>` counts
-that do not match the images, missing, unreadable or escaping image paths, and (with a tokenizer)
-samples that are too long or whose answers are all masked. Ends with `valid: N invalid: M`.
-
-Text data (`--format text|alpaca|sharegpt|openai|moss|auto`, or a text-stage `--config`) goes through
-the text readers, and with a config through the same encoding as `text-pt` / `text-sft` training.
+With a training config the check runs that stage's own steps on FILE (or on the config's data when no FILE is
+given): the same readers, the same full decode of every image, the same tokenizer step with the config's template,
+max_seq_len and over-long policy (`encode_sample`), and the same stop when too few records fit. It prints the token
+lengths' percentiles. Without a config only the readers run (and the images, given an image root). Ends with
+`valid: N invalid: M`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from llava_kit.data.encode import EncodeError, encode_messages
-from llava_kit.data.formats import BadRecord, read_llava
-from llava_kit.data.images import ImageLoadError, load_image, resolve_image_path
-
-
-@dataclass
-class TokenCheck:
-    """What is needed to check lengths and label masks like training does."""
-
-    tokenizer: object
-    template: str
-    image_token_id: int
-    tokens_per_image: int
-    max_seq_len: int
+from llava_kit.data.dataset import DataReport, check_images, prepare_examples
+from llava_kit.data.encode import EncodeSettings
+from llava_kit.data.readers import BadRecord, read_data
+from llava_kit.errors import UsageError
 
 
-def check_records(paths: str | list[str], image_root: str, tokens: TokenCheck | None = None,
-                  decode_images: bool = True) -> tuple[int, list[BadRecord]]:
-    """Return (number of valid records, bad records with reasons)."""
-    result = read_llava(paths)
-    bad = list(result.bad)
-    valid = 0
-    for sample in result.samples:
-        try:
-            for image in sample.images:
-                path = resolve_image_path(image, image_root)
-                if decode_images:
-                    load_image(path)
-            if tokens is not None:
-                enc = encode_messages(sample.messages, tokens.tokenizer, tokens.template, tokens.image_token_id,
-                                      tokens.tokens_per_image, tokens.max_seq_len, n_images=len(sample.images))
-                if enc.truncated:
-                    raise EncodeError(f"over-long sample: more than max_seq_len={tokens.max_seq_len} tokens "
-                                      f"(would be truncated, keeping {enc.n_images} of {len(sample.images)} image(s))")
-        except (ImageLoadError, EncodeError, ValueError) as err:
-            bad.append(BadRecord(sample.source, sample.id, str(err)))
-            continue
-        valid += 1
-    return valid, bad
+def check_records(paths: str | list[str], fmt: str = "auto", stage: str | None = None, image_root: str | None = None,
+                  settings: EncodeSettings | None = None) -> DataReport:
+    """Conversation data (any stage but text-pt; `stage` None: any format, images allowed): the report of what
+    training would keep and skip. With `settings` every sample is encoded as training does."""
+    result = read_data(paths, fmt, stage)
+    with_images = [s for s in result.samples if s.images]
+    if with_images and image_root is None:
+        raise UsageError(f"{len(with_images)} record(s) have images (e.g. {with_images[0].source}); give --image-root "
+                         "DIR, the directory their paths are relative to")
+    if settings is not None:
+        _, report = prepare_examples(result.samples, settings, image_root or "", prior_bad=result.bad)
+    else:
+        report = DataReport(total=len(result.samples) + len(result.bad), skipped=list(result.bad))
+        images = check_images(with_images, image_root) if with_images else {}
+        for sample in result.samples:
+            error = next((images[i] for i in sample.images if not isinstance(images[i], str)), None)
+            if error is not None:
+                report.skipped.append(BadRecord(sample.source, sample.id, str(error), error.kind))
+        report.kept = report.total - len(report.skipped)
+    report.formats = result.formats
+    return report
 
 
+def check_text_records(paths: list[str] | None, data, stage: str, tokenizer=None) -> DataReport:
+    """Text-stage data (`text-pt` / `text-sft`) as training would see it: with a tokenizer (from a config) encoded
+    like training, so over-long and fully masked conversations are found too; without one only the readers run.
+    `paths` None checks `data`'s own path or datasets."""
+    from llava_kit.data.text import (
+        dataset_report,
+        dataset_specs,
+        document_text,
+        encode_dataset,
+        iter_records,
+        read_conversations,
+    )
 
-def check_text_records(paths: list[str], data, stage: str, tokenizer=None) -> tuple[int, list[BadRecord]]:
-    """Text data (`text-pt` / `text-sft` formats): (valid records, bad records) as training would see them.
-
-    With a tokenizer (from a config) the records are also encoded like training does, so over-long and fully
-    masked conversations are found too; without one only the readers run.
-    """
-    from llava_kit.data.text import dataset_specs, encode_dataset, iter_records
-    from llava_kit.data.text_formats import read_conversation_records
-
-    data = data.model_copy(update={"path": list(paths), "datasets": [], "packing": False})
-    valid, bad = 0, []
+    data = data.model_copy(update={"packing": False, **({"path": list(paths), "datasets": []} if paths else {})})
+    report = DataReport(max_seq_len=data.max_seq_len if tokenizer is not None else None, overlong=data.overlong)
     for spec in dataset_specs(data):
         if tokenizer is not None:
             encoded, _ = encode_dataset(spec, tokenizer, data, stage, cache=None)
-            valid += len(encoded.input_ids)
-            bad += [BadRecord(**b) for b in encoded.meta["bad"]]
+            part = dataset_report(encoded, data)
         elif stage == "text-pt":
+            part = DataReport()
             for source, record, error in iter_records(spec):
-                text = record.get("text") if isinstance(record, dict) else None
-                if error or not isinstance(text, str) or not text.strip():
-                    bad.append(BadRecord(source, None, error or "missing or empty `text`"))
-                else:
-                    valid += 1
+                part.total += 1
+                try:
+                    if error:
+                        raise ValueError(error)
+                    document_text(record)
+                except ValueError as err:
+                    kind = "broken JSON line" if error else getattr(err, "kind", "")
+                    part.skipped.append(BadRecord(source, None, str(err), kind))
+            part.kept = part.total - len(part.skipped)
         else:
-            samples, wrong = read_conversation_records(iter_records(spec), spec.format)
-            valid, bad = valid + len(samples), bad + wrong
-    return valid, bad
+            result = read_conversations(spec)
+            part = DataReport(total=len(result.samples) + len(result.bad), kept=len(result.samples),
+                              skipped=result.bad, formats=result.formats)
+        report.total, report.kept, report.truncated = (report.total + part.total, report.kept + part.kept,
+                                                       report.truncated + part.truncated)
+        report.skipped += part.skipped
+        report.lengths += part.lengths
+        report.formats.update(part.formats)
+    return report

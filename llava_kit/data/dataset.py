@@ -1,30 +1,49 @@
-"""Training dataset: canonical samples -> tokenized, length-checked examples; images load lazily.
+"""Training dataset: canonical samples -> checked images, encoded examples, and a report of every record.
 
-Samples are encoded once when the dataset is built (cheap next to training), so every bad record
-is known, counted and reported before the first step. Images are decoded in `__getitem__`
-(DataLoader workers), after their existence and header were checked up front.
+Samples are prepared once when the dataset is built (cheap next to training), so every bad record is known,
+counted and reported before the first step: each image is decoded whole (a truncated JPEG is found here, by
+name), each conversation goes through the one tokenizer step with the over-long policy (`encode_sample`).
+Images are decoded again in `__getitem__` (DataLoader workers); one that fails there after all is skipped and
+added to the run's data_report.json (or stops the run under `data.bad_records: error`), never a crash.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import math
+import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from llava_kit.data.encode import IGNORE_INDEX, EncodeError, encode_messages
-from llava_kit.data.formats import BadRecord, Sample
-from llava_kit.data.images import ImageLoadError, load_image, prepare_image, resolve_image_path
+from llava_kit.data.encode import IGNORE_INDEX, OVERLONG, EncodeError, EncodeSettings, encode_sample
+from llava_kit.data.images import ImageLoadError, check_image, load_image, prepare_image
+from llava_kit.data.readers import BadRecord, Sample
 from llava_kit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+MAX_LISTED = 1000
+"""Skipped records listed one by one in data_report.json (all are counted)."""
+
 
 class BadRecordError(DataError):
-    """Raised under the strict policy (`data.bad_records: error`) at the first bad record."""
+    """Raised under the strict policy (`data.bad_records: error`) at the first bad record, and when no record is
+    usable; `report` (when set) is what was read so far."""
+
+    report = None
+
+
+class OverlongError(DataError):
+    """Too many records are longer than data.max_seq_len (or any, under `data.overlong: error`)."""
+
+    report = None
 
 
 @dataclass
@@ -35,32 +54,44 @@ class DataReport:
     kept: int = 0
     truncated: int = 0
     skipped: list[BadRecord] = field(default_factory=list)
+    formats: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per data file: how many records each format read (what `auto` detected)."""
+    lengths: list[int] = field(default_factory=list)
+    """Token counts of every record that encoded, whole (before any truncation), kept or skipped as over-long."""
+    max_seq_len: int | None = None
+    overlong: str | None = None
 
     def reasons(self) -> dict[str, int]:
-        """Skip counts by reason (the reason text before any per-record detail)."""
-        return dict(Counter(b.reason.split(":")[0] for b in self.skipped).most_common())
+        """Skip counts by reason: each record's `kind` (a whole, stable reason), most frequent first."""
+        return dict(Counter(b.kind or b.reason for b in self.skipped).most_common())
+
+    def length_summary(self) -> dict:
+        """Token-length percentiles of the records that encoded, and the fraction that fits max_seq_len."""
+        if not self.lengths:
+            return {}
+        ordered = sorted(self.lengths)
+        summary = {f"p{q}": ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] for q in (50, 90, 99)}
+        summary["max"] = ordered[-1]
+        if self.max_seq_len:
+            summary["fit_max_seq_len"] = round(sum(n <= self.max_seq_len for n in ordered) / len(ordered), 4)
+        return summary
 
     def to_dict(self) -> dict:
         return {"total": self.total, "kept": self.kept, "truncated": self.truncated, "skipped": len(self.skipped),
-                "skipped_by_reason": self.reasons(),
-                "skipped_records": [vars(b) for b in self.skipped[:1000]]}
+                "skipped_by_reason": self.reasons(), "formats": self.formats, "max_seq_len": self.max_seq_len,
+                "overlong": self.overlong, "token_lengths": self.length_summary(),
+                "skipped_records": [vars(b) for b in self.skipped[:MAX_LISTED]]}
 
     def log(self) -> None:
         logger.info("data: %d records, %d kept, %d truncated, %d skipped", self.total, self.kept, self.truncated,
                     len(self.skipped))
         for reason, count in self.reasons().items():
-            logger.warning("data: skipped %d record(s): %s", count, reason)
+            example = next(b for b in self.skipped if (b.kind or b.reason) == reason)
+            logger.warning("data: skipped %d record(s): %s (e.g. %s%s: %s)", count, reason, example.source,
+                           f" id {example.id}" if example.id else "", example.reason)
 
-
-def check_image_file(image: str, image_root: str) -> str:
-    """Resolve and sniff an image without decoding it; returns the absolute path or raises ImageLoadError."""
-    path = resolve_image_path(image, image_root)
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception as err:  # PIL raises many types for broken files
-        raise ImageLoadError(f"cannot read image {image!r}: {err}") from None
-    return str(path)
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
 
 def reject(report: DataReport, bad: BadRecord, policy: str) -> None:
@@ -71,68 +102,147 @@ def reject(report: DataReport, bad: BadRecord, policy: str) -> None:
     report.skipped.append(bad)
 
 
+def suggest_max_seq_len(lengths: list[int], keep: float = 0.99) -> tuple[int, float]:
+    """The max_seq_len (a multiple of 128) that keeps at least `keep` of `lengths`, and the fraction it keeps."""
+    ordered = sorted(lengths)
+    needed = ordered[max(0, math.ceil(keep * len(ordered)) - 1)]
+    suggestion = math.ceil(needed / 128) * 128
+    return suggestion, sum(n <= suggestion for n in ordered) / len(ordered)
+
+
+def check_lengths(report: DataReport, min_kept_fraction: float, what: str = "data") -> None:
+    """Stop before step 1 when over-long records are refused too often: any of them under `data.overlong: error`,
+    or under `skip` when fewer than `min_kept_fraction` of the usable records fit. The message has the numbers and
+    the max_seq_len that keeps 99%."""
+    over = sum(1 for b in report.skipped if b.kind == OVERLONG)
+    usable = report.kept + over
+    if not over or not usable:
+        return
+    stop = report.overlong == "error" or (report.overlong == "skip" and report.kept / usable < min_kept_fraction)
+    if not stop:
+        return
+    suggestion, keeps = suggest_max_seq_len(report.lengths)
+    if report.overlong == "error":
+        head = f"{what}: {over} of {usable} usable records are longer than data.max_seq_len {report.max_seq_len} " \
+               "(data.overlong: error)"
+        fix = "or set data.overlong: skip or truncate"
+    else:
+        head = (f"{what}: only {report.kept} of {usable} usable records ({report.kept / usable:.1%}) fit "
+                f"data.max_seq_len {report.max_seq_len}; {over} over-long ones would be skipped "
+                f"(data.overlong: skip), below data.min_kept_fraction {min_kept_fraction:g}")
+        fix = "set data.overlong: truncate, or lower data.min_kept_fraction"
+    error = OverlongError(f"{head}. max_seq_len {suggestion} keeps {keeps:.1%} (the longest record has "
+                          f"{max(report.lengths)} tokens): raise data.max_seq_len, {fix}")
+    error.report = report
+    raise error
+
+
+def no_usable_records(report: DataReport, hint: str = "run `llava-kit data check` on the data") -> BadRecordError:
+    """The error of a dataset without one usable record; its message has the skip reasons by count."""
+    reasons = "; ".join(f"{reason}: {count}" for reason, count in report.reasons().items()) or "no records"
+    error = BadRecordError(f"no usable records: all {report.total} were skipped ({reasons}); {hint}")
+    error.report = report
+    return error
+
+
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
     image_paths: list[str]
+    source: str = ""
+    id: str | None = None
+
+
+def check_images(samples: list[Sample], image_root: str) -> dict[str, str | ImageLoadError]:
+    """Every image of `samples`, decoded whole once (a few threads: decoding releases the GIL): image -> its path,
+    or the error that refuses it."""
+    def one(image: str) -> str | ImageLoadError:
+        try:
+            return check_image(image, image_root)
+        except ImageLoadError as err:
+            return err
+
+    unique = list(dict.fromkeys(image for sample in samples for image in sample.images))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(unique, pool.map(one, unique), strict=True))
+
+
+def prepare_examples(samples: list[Sample], settings: EncodeSettings, image_root: str, bad_records: str = "skip",
+                     prior_bad: list[BadRecord] | None = None) -> tuple[list[Example], DataReport]:
+    """Check the images and encode every sample (the one tokenizer step, with the over-long policy).
+
+    Over-long records are counted under `over-long` whatever `bad_records` says (check_lengths decides if that
+    stops the run); other bad records follow `bad_records`.
+    """
+    report = DataReport(total=len(samples) + len(prior_bad or []), max_seq_len=settings.max_seq_len,
+                        overlong=settings.overlong)
+    for bad in prior_bad or []:
+        reject(report, bad, bad_records)
+    images = check_images(samples, image_root)
+    examples = []
+    for sample in samples:
+        try:
+            paths = []
+            for image in sample.images:
+                if isinstance(images[image], ImageLoadError):
+                    raise images[image]
+                paths.append(images[image])
+            enc = encode_sample(sample.messages, len(sample.images), sample.tools, settings)
+        except EncodeError as err:
+            if err.kind == OVERLONG:
+                report.lengths.append(err.length)
+                report.skipped.append(BadRecord(sample.source, sample.id, str(err), OVERLONG))
+            else:
+                reject(report, BadRecord(sample.source, sample.id, str(err), err.kind), bad_records)
+            continue
+        except ValueError as err:  # ImageLoadError, TemplateError: a user-data problem of this record
+            reject(report, BadRecord(sample.source, sample.id, str(err), getattr(err, "kind", "")), bad_records)
+            continue
+        report.lengths.append(enc.length)
+        report.truncated += enc.truncated
+        examples.append(Example(enc.input_ids, enc.labels, paths[: enc.n_images], sample.source, sample.id))
+    report.kept = len(examples)
+    return examples, report
 
 
 class LlavaDataset(Dataset):
     """Encoded multimodal (or text-only) examples; `__getitem__` returns tensors and loaded images."""
 
-    def __init__(self, samples: list[Sample], tokenizer, template: str, image_token_id: int, tokens_per_image: int,
-                 max_seq_len: int, image_root: str = "", image_aspect: str = "pad", image_preprocess=None,
-                 image_mean=(0.5, 0.5, 0.5), system_prompt: str | None = None, bad_records: str = "skip",
-                 prior_bad: list[BadRecord] | None = None):
+    def __init__(self, examples: list[Example], report: DataReport, image_aspect: str = "pad",
+                 image_preprocess=None, image_mean=(0.5, 0.5, 0.5), bad_records: str = "skip"):
+        self.examples, self.report = examples, report
         self.image_aspect = image_aspect
-        self.feature_reader = None  # set by use_feature_cache(): items then carry tower features, not pixels
         self.image_preprocess = image_preprocess  # list[PIL] -> [n, 3, H, W]
         self.image_mean = image_mean
-        self.report = DataReport(total=len(samples) + len(prior_bad or []))
-        self.examples: list[Example] = []
-        for bad in prior_bad or []:
-            self._reject(bad, bad_records)
-        for sample in samples:
-            try:
-                paths = [check_image_file(i, image_root) for i in sample.images]
-                enc = encode_messages(sample.messages, tokenizer, template, image_token_id, tokens_per_image,
-                                      max_seq_len, n_images=len(sample.images), system_prompt=system_prompt)
-            except (EncodeError, ImageLoadError, ValueError) as err:
-                self._reject(BadRecord(sample.source, sample.id, str(err)), bad_records)
-                continue
-            self.report.truncated += enc.truncated
-            self.examples.append(Example(enc.input_ids, enc.labels, paths[: enc.n_images]))
-        self.report.kept = len(self.examples)
-        if not self.examples:
-            raise BadRecordError("no usable records: every record was skipped (see the reasons above); "
-                                 "run `llava-kit data check` on the data")
+        self.bad_records = bad_records
+        self.feature_reader = None  # set by use_feature_cache(): items then carry tower features, not pixels
+        self.report_path: Path | None = None
+        """The run's data_report.json: images that fail to decode during training are added to it."""
+        self.failed: set[int] = set()  # examples whose images failed in this process: never tried again
 
     def to_encoded(self):
         """The tokenised examples and the report, for the token cache (data/token_cache.py)."""
         from llava_kit.data.token_cache import EncodedExamples
 
-        meta = {"image_paths": [e.image_paths for e in self.examples], "total": self.report.total,
-                "truncated": self.report.truncated, "skipped": [vars(b) for b in self.report.skipped]}
+        report = self.report
+        meta = {"image_paths": [e.image_paths for e in self.examples], "sources": [e.source for e in self.examples],
+                "ids": [e.id for e in self.examples], "total": report.total, "truncated": report.truncated,
+                "skipped": [vars(b) for b in report.skipped], "formats": report.formats, "lengths": report.lengths,
+                "max_seq_len": report.max_seq_len, "overlong": report.overlong}
         return EncodedExamples([e.input_ids for e in self.examples], [e.labels for e in self.examples], meta)
 
     @classmethod
-    def from_encoded(cls, encoded, image_aspect: str = "pad", image_preprocess=None,
-                     image_mean=(0.5, 0.5, 0.5)) -> LlavaDataset:
+    def from_encoded(cls, encoded, **settings) -> LlavaDataset:
         """Rebuild a dataset saved by `to_encoded` without reading or tokenising the data again."""
-        dataset = cls.__new__(cls)
-        Dataset.__init__(dataset)
-        dataset.image_aspect, dataset.image_preprocess, dataset.image_mean = image_aspect, image_preprocess, image_mean
-        dataset.feature_reader = None
         meta = encoded.meta
-        dataset.examples = [Example(ids, labels, paths) for ids, labels, paths in
-                            zip(encoded.input_ids, encoded.labels, meta["image_paths"], strict=True)]
-        dataset.report = DataReport(total=meta["total"], kept=len(dataset.examples), truncated=meta["truncated"],
-                                    skipped=[BadRecord(**b) for b in meta["skipped"]])
-        return dataset
-
-    def _reject(self, bad: BadRecord, policy: str) -> None:
-        reject(self.report, bad, policy)
+        examples = [Example(ids, labels, paths, source, rid) for ids, labels, paths, source, rid in
+                    zip(encoded.input_ids, encoded.labels, meta["image_paths"], meta["sources"], meta["ids"],
+                        strict=True)]
+        report = DataReport(total=meta["total"], kept=len(examples), truncated=meta["truncated"],
+                            skipped=[BadRecord(**b) for b in meta["skipped"]], formats=meta["formats"],
+                            lengths=meta["lengths"], max_seq_len=meta["max_seq_len"], overlong=meta["overlong"])
+        return cls(examples, report, **settings)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -159,7 +269,10 @@ class LlavaDataset(Dataset):
             raise ValueError(f"the feature cache lacks {len(missing)} image(s) of this dataset, e.g. {missing[0]}")
         self.feature_reader = reader
 
-    def __getitem__(self, index: int) -> dict:
+    def item(self, index: int) -> dict | None:
+        """Example `index` as tensors with its images, or None when an image fails to decode (then reported)."""
+        if index in self.failed:
+            return None
         example = self.examples[index]
         item = {"input_ids": torch.tensor(example.input_ids), "labels": torch.tensor(example.labels)}
         if example.image_paths and self.feature_reader is not None:
@@ -171,9 +284,51 @@ class LlavaDataset(Dataset):
                 try:
                     images.append(prepare_image(load_image(path), self.image_aspect, self.image_mean))
                 except ImageLoadError as err:
-                    raise ImageLoadError(f"{path}: {err}; run `llava-kit data check` to find such files") from None
+                    self.skip_during_training(index, path, err)
+                    return None
             item["pixel_values"] = self.image_preprocess(images)  # [n_images, 3, H, W]
         return item
+
+    def __getitem__(self, index: int) -> dict:
+        # An example whose image fails now (changed or damaged since the check) is replaced by the next good one,
+        # so the batch keeps its size; it is reported once and not tried again in this process.
+        for step in range(len(self.examples)):
+            item = self.item((index + step) % len(self.examples))
+            if item is not None:
+                return item
+        raise BadRecordError("no example left whose images decode; run `llava-kit data check` on the data")
+
+    def skip_during_training(self, index: int, path: str, err: ImageLoadError) -> None:
+        """Report an example whose image failed to decode during training (or stop, under bad_records: error)."""
+        example = self.examples[index]
+        bad = BadRecord(example.source, example.id, f"cannot read image {path}: {err} (found during training)",
+                        "unreadable image")
+        if self.bad_records == "error":
+            raise BadRecordError(f"bad record {bad.source} (id {bad.id}): {bad.reason}; fix it, or set "
+                                 "data.bad_records=skip to skip and report bad records")
+        self.failed.add(index)
+        logger.warning("data: skipped %s during training: %s", bad.source, bad.reason)
+        if self.report_path is not None:
+            add_to_report(self.report_path, bad)
+
+
+def add_to_report(path: Path, bad: BadRecord) -> None:
+    """Add a record skipped during training to a written data_report.json (DataLoader workers are separate
+    processes: a file lock keeps their updates whole; a record is added once)."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        listed = report.setdefault("skipped_records", [])
+        if any(r["source"] == bad.source for r in listed if r.get("kind") == bad.kind):
+            return
+        listed.append(vars(bad))
+        report["skipped"] = report.get("skipped", 0) + 1
+        report["kept"] = report.get("kept", 1) - 1
+        by_reason = report.setdefault("skipped_by_reason", {})
+        by_reason[bad.kind] = by_reason.get(bad.kind, 0) + 1
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
 
 
 @dataclass

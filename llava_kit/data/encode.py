@@ -8,6 +8,10 @@
   projector's output into exactly those positions (transformers llava does the same).
 - Truncation cuts text from the end and never splits an image: an image whose tokens do not fit
   is dropped whole, with its tokens, and `n_images` says how many images the sample keeps.
+
+`encode_sample` is the step every caller shares (the training datasets, `llava-kit data check`): one canonical
+sample, encoded whole, then the over-long policy (`data.overlong`: skip, truncate, error) applied to it, so a check
+reports exactly what training does.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ NO_IMAGE_TOKEN = -1
 """The image token id of text-only models: no token has it, so no text is ever treated as an image."""
 
 
+OVERLONG = "over-long"
+"""The kind under which over-long samples are reported (llava_kit/errors.py `DataError.kind`)."""
+
+
 class EncodeError(DataError):
     """A sample that cannot be trained on; the message is the reason reported for it."""
 
@@ -33,6 +41,22 @@ class Encoded:
     n_images: int
     """Images whose tokens are in `input_ids` (the first n of the sample's images)."""
     truncated: bool
+    length: int = 0
+    """Tokens of the whole sample, before any truncation (what max_seq_len is compared with)."""
+
+
+@dataclass
+class EncodeSettings:
+    """Everything the one tokenizer step needs besides the sample, as a stage's config sets it."""
+
+    tokenizer: object
+    template: str
+    max_seq_len: int
+    overlong: str = "skip"
+    """skip | truncate | error (data.overlong); skip and error both raise EncodeError (kind OVERLONG) here."""
+    system_prompt: str | None = None
+    image_token_id: int = NO_IMAGE_TOKEN
+    tokens_per_image: int = 0
 
 
 def add_image_token(tokenizer) -> int:
@@ -78,27 +102,50 @@ def _truncate(ids: list[int], labels: list[int], image_token_id: int, max_seq_le
 
 def encode_messages(messages: list[dict], tokenizer, template: str, image_token_id: int, tokens_per_image: int,
                     max_seq_len: int | None, n_images: int = 0, system_prompt: str | None = None,
-                    add_generation_prompt: bool = False) -> Encoded:
+                    add_generation_prompt: bool = False, tools: list[dict] | None = None) -> Encoded:
     """Tokenize one conversation for training (or, with add_generation_prompt, for chat).
 
     `n_images` is how many images the sample carries; it must equal the number of `<image>` tags.
     `max_seq_len` None never truncates (prompts at inference: the caller checks the model's position limit).
+    `tools` are the JSON schemas the conversation's tool calls refer to (rendered by the template).
     Raises EncodeError with the reason when the sample is unusable.
     """
-    rendered = render(messages, tokenizer, template, system_prompt, add_generation_prompt)
+    rendered = render(messages, tokenizer, template, system_prompt, add_generation_prompt, tools)
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = _labels_from_spans(enc["offset_mapping"], rendered.label_spans, ids)
     found = ids.count(image_token_id)
     if found != n_images:
-        raise EncodeError(f"{found} `<image>` tag(s) in the text but {n_images} image(s) in the record")
+        raise EncodeError(f"{found} `<image>` tag(s) in the text but {n_images} image(s) in the record",
+                          kind="`<image>` tags do not match the images")
     ids, labels = _expand_images(ids, labels, image_token_id, tokens_per_image)
+    length = len(ids)
 
     truncated = max_seq_len is not None and len(ids) > max_seq_len
     if truncated:
         ids, labels = _truncate(ids, labels, image_token_id, max_seq_len)
-        n_images = ids.count(image_token_id) // tokens_per_image
+        n_images = ids.count(image_token_id) // tokens_per_image if tokens_per_image else 0
     if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
         why = "truncated away by max_seq_len" if truncated else "the answers are empty or the template matched none"
-        raise EncodeError(f"no supervised tokens left ({why})")
-    return Encoded(ids, labels, n_images, truncated)
+        raise EncodeError(f"no supervised tokens left ({why})", kind="no supervised tokens left")
+    return Encoded(ids, labels, n_images, truncated, length)
+
+
+def encode_sample(messages: list[dict], n_images: int, tools: list[dict] | None,
+                  settings: EncodeSettings) -> Encoded:
+    """Encode one training sample whole, then apply the over-long policy.
+
+    Under `truncate` a longer sample is cut (text from the end, images whole); under `skip` and `error` it raises
+    EncodeError of kind OVERLONG, whose caller skips it or stops the run. `Encoded.length` is the whole sample's
+    token count either way (the over-long check of a dataset suggests a max_seq_len from these).
+    """
+    s = settings
+    limit = s.max_seq_len if s.overlong == "truncate" else None
+    enc = encode_messages(messages, s.tokenizer, s.template, s.image_token_id, s.tokens_per_image, limit,
+                          n_images=n_images, system_prompt=s.system_prompt, tools=tools)
+    if enc.length > s.max_seq_len and s.overlong != "truncate":
+        error = EncodeError(f"over-long sample: {enc.length} tokens > data.max_seq_len {s.max_seq_len} "
+                            f"(data.overlong: {s.overlong})", kind=OVERLONG)
+        error.length = enc.length
+        raise error
+    return enc

@@ -39,7 +39,7 @@ from llava_kit.data.images import load_image, prepare_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pad colour int(mean * 255) like LLaVA and transformers (was round)
 FP16_MAX = 65504.0
 
 
@@ -52,7 +52,9 @@ def default_cache_root() -> Path:
 def tower_fingerprint(tower, image_aspect: str) -> dict:
     """Everything the cached features depend on, JSON-ready; its hash names the cache directory."""
     weights = hashlib.sha256()
-    for name, tensor in sorted(tower.state_dict().items()):
+    with tower.exclusive():  # another thread encoding with a truncated block list must not change what is hashed
+        state = tower.state_dict()
+    for name, tensor in sorted(state.items()):
         weights.update(name.encode())
         data = tensor.detach().cpu().contiguous()
         if data.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw bits

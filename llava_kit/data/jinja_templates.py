@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 
-from llava_kit.data.templates import CHATML_SYSTEM, IMAGE_TOKEN, VICUNA_SYSTEM
+from llava_kit.data.templates import CHATML_SYSTEM, CHATML_TOOLS, IMAGE_TOKEN, VICUNA_SYSTEM
 from llava_kit.errors import ExportError
 
 _MARKER = re.compile(r"^\{#- llava-kit: (\{.*?\}) -#\}")
@@ -24,7 +24,7 @@ _MARKER = re.compile(r"^\{#- llava-kit: (\{.*?\}) -#\}")
 _CONTENT_MACRO = (
     "{%- macro content(m) -%}"
     "{%- if m['content'] is string -%}{{ m['content'] }}"
-    "{%- else -%}{%- for part in m['content'] -%}"
+    "{%- elif m['content'] -%}{%- for part in m['content'] -%}"
     "{%- if part['type'] == 'image' -%}{{ '" + IMAGE_TOKEN + "\n' }}"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
@@ -34,6 +34,26 @@ _CONTENT_MACRO = (
     "{%- else -%}{{ m['content'] | selectattr('type', 'equalto', 'image') | list | length }}{%- endif -%}"
     "{%- endmacro -%}"
 )
+
+
+_TOOLS_PREFIX, _TOOLS_SUFFIX = CHATML_TOOLS.split("{schemas}")
+# chatml's tools as templates.py renders them: the schemas in the system turn, each call as <tool_call>, consecutive
+# tool results in one user turn of <tool_response> blocks.
+_CHATML_TOOLS = (
+    "{%- if tools -%}{%- set ns.tools = " + json.dumps(_TOOLS_PREFIX.replace("{{", "{").replace("}}", "}")) + " -%}"
+    "{%- for t in tools -%}{%- set ns.tools = ns.tools + '\n' + (t | tojson) -%}{%- endfor -%}"
+    "{%- set ns.tools = ns.tools + " + json.dumps(_TOOLS_SUFFIX.replace("{{", "{").replace("}}", "}")) + " -%}"
+    "{%- set ns.system = (ns.system + '\n\n' + ns.tools) if ns.system else ns.tools -%}{%- endif -%}")
+_CHATML_CALLS = (
+    "{%- for c in m['tool_calls'] or [] -%}{%- if m['content'] or not loop.first -%}{{ '\n' }}{%- endif -%}"
+    "{%- set args = c['function']['arguments'] -%}"
+    "{{ '<tool_call>\n{\"name\": ' + (c['function']['name'] | tojson) + ', \"arguments\": ' "
+    "+ (args if args is string else (args | tojson)) + '}\n</tool_call>' }}{%- endfor -%}")
+_CHATML_RESULT = (
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\n<tool_response>\n' + content(m) + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}"
+    "{{ '<|im_end|>\n<|im_start|>assistant\n' }}{%- endif -%}")
 
 
 def _literal(text: str | None) -> str:
@@ -69,12 +89,13 @@ def jinja_template(template: str, tokenizer, system_prompt: str | None, settings
         return marker + _CONTENT_MACRO + body
     if template == "chatml":
         default = system_prompt if system_prompt is not None else CHATML_SYSTEM
-        body = (_system_block(default) +
+        body = (_system_block(default) + _CHATML_TOOLS +
                 "{%- if ns.system -%}{{ '<|im_start|>system\n' + ns.system + '<|im_end|>\n' }}{%- endif -%}"
                 "{%- for m in messages -%}"
                 "{%- if m['role'] == 'user' -%}"
                 "{{ '<|im_start|>user\n' + content(m) + '<|im_end|>\n<|im_start|>assistant\n' }}"
-                "{%- elif m['role'] == 'assistant' -%}{{ content(m) + '<|im_end|>\n' }}{%- endif -%}"
+                "{%- elif m['role'] == 'assistant' -%}{{ content(m) }}" + _CHATML_CALLS + "{{ '<|im_end|>\n' }}"
+                "{%- elif m['role'] == 'tool' -%}" + _CHATML_RESULT + "{%- endif -%}"
                 "{%- endfor -%}")
         return marker + _CONTENT_MACRO + body
     if template == "vicuna_v1":

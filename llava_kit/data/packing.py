@@ -128,7 +128,9 @@ class PackedLlavaDataset(Dataset):
         block = PackedBlock()
         images: dict[str, list[torch.Tensor]] = {}
         for member in self.blocks[index]:
-            item = self.dataset[member]
+            item = self.dataset.item(member)
+            if item is None:  # an image failed to decode during training: reported, the block goes on without it
+                continue
             block.add(item["input_ids"].tolist(), item["labels"].tolist())
             for key in ("pixel_values", "vision_features"):
                 if key in item:

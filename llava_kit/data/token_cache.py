@@ -31,7 +31,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the stored layout or the encoding code changes meaning
+CACHE_FORMAT = 3  # 3: readers with tool calls, over-long policy, reason kinds. Bump when the stored layout or the encoding code changes meaning
 
 
 @dataclass

@@ -23,6 +23,8 @@ import difflib
 import json
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -59,6 +61,21 @@ TRANSFORMERS_FAMILIES = {
     "siglip": (SiglipVisionModel, SiglipImageProcessor, False),
     "siglip_vision_model": (SiglipVisionModel, SiglipImageProcessor, False),
 }
+
+
+_TOWER_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOWER_LOCKS_GUARD = threading.Lock()
+
+
+def tower_lock(tower: nn.Module) -> threading.RLock:
+    """The lock a thread holds while the tower's modules are not as saved (see `_blocks_up_to`); hold it to read
+    the whole tower (its state dict) while other threads may encode with it. Kept outside the module, so towers
+    still pickle (DataLoader workers)."""
+    with _TOWER_LOCKS_GUARD:
+        lock = _TOWER_LOCKS.get(tower)
+        if lock is None:
+            lock = _TOWER_LOCKS[tower] = threading.RLock()
+        return lock
 
 
 class VisionTowerError(ModelLoadError):
@@ -111,6 +128,11 @@ class VisionTower(nn.Module):
         rebuilds this tower exactly, without the original name or path. `state_dict` (named as in this tower's
         `state_dict()`) replaces the live weights, e.g. gathered whole from ZeRO-3 partitions."""
         raise NotImplementedError
+
+    def exclusive(self) -> threading.RLock:
+        """Hold this (`with tower.exclusive():`) to read the whole tower while other threads may encode with it: an
+        encode changes the module list for its duration (TransformersVisionTower._blocks_up_to)."""
+        return tower_lock(self)
 
     def to_config(self) -> dict:
         """Everything `vision_tower_from_config` needs to rebuild this tower's architecture and preprocessing
@@ -200,13 +222,16 @@ class TransformersVisionTower(VisionTower):
         if not isinstance(layers, nn.ModuleList) or last_block >= len(layers):
             yield
             return
-        # A ModuleList of the same block modules; at least one block, since transformers records hidden_states[0]
-        # (the embeddings) as the first block's input.
-        encoder.layers = layers[:max(last_block, 1)]
-        try:
-            yield
-        finally:
-            encoder.layers = layers
+        # The swap changes the module for as long as the forward runs: other threads reading this tower (its
+        # weights' fingerprint, a save, another encode) wait on the tower's lock (`tower_lock`) meanwhile.
+        with tower_lock(self):
+            # A ModuleList of the same block modules; at least one block, since transformers records
+            # hidden_states[0] (the embeddings) as the first block's input.
+            encoder.layers = layers[:max(last_block, 1)]
+            try:
+                yield
+            finally:
+                encoder.layers = layers
 
     def to_config(self) -> dict:
         return {"backend": "transformers", "model_config": self.vision_model.config.to_dict(),

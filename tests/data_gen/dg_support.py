@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +76,37 @@ def fast_args(stub: StubServer, *extra: str) -> list[str]:
 
 def subprocess_env() -> dict[str, str]:
     """Environment for a `python -m llava_kit.cli` child: the repo on the path, the test key set."""
-    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     env.pop("LLAVA_KIT_DEBUG", None)
     return env
+
+
+def popen(command: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """`subprocess.Popen(command, **kwargs)` with Ctrl-C (SIGINT) at its default in the child, as in a terminal.
+
+    A shell starts a background job (`pytest &` in a script) with SIGINT ignored, and a child inherits
+    that: a Ctrl-C test would signal a process that cannot hear it. exec resets a *handled* signal to
+    its default, so the child is started while this process handles SIGINT. Main thread only.
+    """
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, **kwargs)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def communicate(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """`proc.communicate(timeout=...)`; a child that hangs fails the test with its signal state and stacks."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        status = Path(f"/proc/{proc.pid}/status")
+        signals = [line for line in status.read_text().splitlines() if line.startswith(("Sig", "Shd"))] \
+            if status.exists() else []
+        proc.send_signal(signal.SIGABRT)  # with PYTHONFAULTHANDLER set, the child prints every thread's stack
+        _, stderr = proc.communicate()
+        raise AssertionError(f"the child did not exit within {timeout:g}s; {signals}\n{stderr[-8000:]}") from None
 

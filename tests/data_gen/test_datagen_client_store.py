@@ -73,6 +73,41 @@ def test_rate_limiter_spaces_requests_and_pauses() -> None:
     assert times[0] - begin >= 0.19
 
 
+def test_rate_limiter_keeps_its_spacing_when_the_loop_stalls() -> None:
+    async def starts() -> list[float]:
+        limiter = RateLimiter(rpm=1200)  # one start every 50 ms
+        out: list[float] = []
+
+        async def one() -> None:
+            await limiter.acquire()
+            out.append(time.monotonic())
+
+        async def stall() -> None:
+            await asyncio.sleep(0.03)
+            time.sleep(0.15)  # the process is not scheduled (a busy machine): every timer due meanwhile is late
+
+        await asyncio.gather(stall(), *(one() for _ in range(5)))
+        return sorted(out)
+
+    times = asyncio.run(starts())
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 0.045, gaps  # late waiters do not start together
+
+
+def test_rate_limiter_pause_holds_back_a_waiter_already_asleep() -> None:
+    async def main() -> float:
+        limiter = RateLimiter(rpm=600)  # one start every 100 ms
+        await limiter.acquire()
+        first = time.monotonic()
+        waiter = asyncio.ensure_future(limiter.acquire())
+        await asyncio.sleep(0)  # the waiter is now asleep until its turn, 100 ms on
+        limiter.pause(0.3)  # a 429 with Retry-After arrives meanwhile
+        await waiter
+        return time.monotonic() - first
+
+    assert asyncio.run(main()) >= 0.3
+
+
 @pytest.mark.parametrize(("formats", "modes"), [
     (("json_schema", "json_object"), ["json_schema"]),
     (("json_object",), ["json_schema", "json_object"]),

@@ -138,6 +138,22 @@ def test_fatal_errors_stop_at_once(tmp_path: Path, caption, fault: str, message:
     assert f"not attempted (run stopped): {30 - done}" in result.stderr
 
 
+def test_retries_are_reported_only_when_they_happened(tmp_path: Path, stub: StubServer, caption) -> None:
+    make_images(tmp_path / "images", 3)
+    stub.enqueue("500")
+    result = caption(tmp_path / "images", "-o", tmp_path / "out.jsonl",
+                     *fast_args(stub, "--max-retries", "0", "--concurrency", "1"))
+    assert result.code == 1, result.stderr
+    assert "failed by reason: server_error 1" in result.stderr
+    assert "retries by reason" not in result.stderr  # --max-retries 0: nothing was retried
+
+    stub.enqueue("500")
+    result = caption(tmp_path / "images", "-o", tmp_path / "out.jsonl",
+                     *fast_args(stub, "--max-retries", "1", "--concurrency", "1"))
+    assert result.code == 0, result.stderr
+    assert "retries by reason: server_error 1" in result.stderr
+
+
 def test_unreachable_server_is_fatal(tmp_path: Path, caption) -> None:
     make_images(tmp_path / "images", 3)
     with StubServer() as stub:

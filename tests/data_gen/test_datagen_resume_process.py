@@ -1,4 +1,8 @@
-"""Real processes: kill -9 mid-run and rerun, Ctrl-C, and what the caption command imports."""
+"""Real processes: kill -9 mid-run and rerun, Ctrl-C, and what the caption command imports.
+
+No test here races a process against the clock: the stub answers the first few requests and holds the
+rest (`StubServer.hold`), so the signal always lands mid-run, with requests provably in flight.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,23 @@ import subprocess
 import time
 from pathlib import Path
 
-from dg_support import PYTHON, REPO, make_images, read_jsonl, subprocess_env
+from dg_support import PYTHON, REPO, communicate, make_images, popen, read_jsonl, subprocess_env
 
 from data_gen.testing.stub_server import StubServer
 
 N_IMAGES = 40
+CONCURRENCY = 4
 
 
 def _start(images: Path, out: Path, stub: StubServer, *extra: str) -> subprocess.Popen[str]:
     command = [PYTHON, "-m", "llava_kit.cli", "caption", str(images), "-o", str(out), "--model", "gpt-4o",
-               "--base-url", stub.base_url, "--concurrency", "4", "--timeout", "5", "--no-progress", *extra]
-    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+               "--base-url", stub.base_url, "--concurrency", str(CONCURRENCY), "--timeout", "5", "--no-progress",
+               *extra]
+    return popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_lines(out: Path, count: int, proc: subprocess.Popen[str], limit: float = 30.0) -> None:
+def _wait_for_lines(out: Path, count: int, proc: subprocess.Popen[str], limit: float = 120.0) -> None:
+    """Poll until OUT has `count` lines; the limit only turns a hang into a failure (the run is held)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= count:
@@ -34,9 +40,11 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path: Path) 
     images, out = tmp_path / "images", tmp_path / "out.jsonl"
     make_images(images, N_IMAGES)
     with StubServer(latency=0.05) as stub:
+        stub.hold(after=8)  # 8 answers, then every worker waits: the kill lands mid-run however slow the machine
         proc = _start(images, out, stub)
         try:
             _wait_for_lines(out, 8, proc)
+            stub.wait_held(CONCURRENCY)  # every worker has a request out: the stub has seen all it will see
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait(timeout=30)
@@ -46,6 +54,7 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path: Path) 
         killed_at = len(read_jsonl(out))  # every line whole: read_jsonl fails on a broken one
         assert 8 <= killed_at < N_IMAGES, "the kill should land mid-run"
         requests_first = stub.count()
+        stub.release()  # the held answers go to a dead process
 
         proc = _start(images, out, stub)
         _, stderr = proc.communicate(timeout=60)
@@ -65,10 +74,12 @@ def test_ctrl_c_keeps_finished_work_and_says_how_to_resume(tmp_path: Path) -> No
     images, out = tmp_path / "images", tmp_path / "out.jsonl"
     make_images(images, N_IMAGES)
     with StubServer(latency=0.05) as stub:
+        stub.hold(after=4)  # 4 answers, then requests wait unanswered: the run cannot end before the signal
         proc = _start(images, out, stub)
         _wait_for_lines(out, 4, proc)
+        stub.wait_held(1)  # a request is in flight
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = communicate(proc, 60)  # no release: Ctrl-C must not wait for answers
     assert proc.returncode == 130
     assert "Traceback" not in stderr
     assert "rerun the same command to continue" in stderr

@@ -135,3 +135,29 @@ def test_tokenised_multimodal_data_is_cached_and_keyed_by_content(make_config, t
     with caplog.at_level(logging.INFO, logger="llava_kit.data.multimodal"):
         third = build_dataset(cfg, model, tokenizer)
     assert "token cache" not in caplog.text and len(third) == len(first) - 1
+
+
+def test_the_fingerprint_waits_for_an_encode_in_another_thread(tower):
+    """An encode runs only the blocks it needs by swapping the tower's block list for its duration; a fingerprint
+    taken meanwhile in another thread (three callers of the cache at once) must still hash every block."""
+    from llava_kit.data.feature_cache import tower_fingerprint
+
+    baseline = tower_fingerprint(tower, "pad")
+    inside, release = threading.Event(), threading.Event()
+
+    def encode_and_hold():
+        with tower._blocks_up_to(1):  # what encode() does around the forward
+            inside.set()
+            release.wait()
+
+    encoder = threading.Thread(target=encode_and_hold)
+    encoder.start()
+    inside.wait()
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(tower_fingerprint(tower, "pad")))
+    reader.start()
+    reader.join(timeout=1.0)  # give an unguarded reader time to hash the truncated tower (it must wait instead)
+    release.set()
+    encoder.join()
+    reader.join()
+    assert seen == [baseline]

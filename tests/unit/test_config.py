@@ -154,8 +154,8 @@ def test_stage_modality_is_one_table():
 
 def test_data_formats_are_written_once():
     from llava_kit.cli import build_parser
-    from llava_kit.config import DATA_FORMATS, STAGE_FORMATS, DataConfig
-    from llava_kit.data.text_formats import CONVERSATION_FORMATS, READERS
+    from llava_kit.config import CONVERSATION_FORMATS, DATA_FORMATS, STAGE_FORMATS, DataConfig
+    from llava_kit.data.readers import READERS
 
     assert set(READERS) == set(CONVERSATION_FORMATS) and set(CONVERSATION_FORMATS) < set(DATA_FORMATS)
     assert all(set(formats) <= set(DATA_FORMATS) for formats in STAGE_FORMATS.values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -201,3 +203,55 @@ def test_an_llm_transformers_llava_cannot_hold_is_refused(tiny_dirs, tmp_path):
     model, tokenizer = _build(tiny_dirs["vision"], tmp_path / "gpt2_tied")
     with pytest.raises(ExportError, match="cannot hold this gpt2 LLM"):
         to_hf_llava(model, tokenizer, InferenceSettings("chatml", None, "pad", 256), tmp_path / "hf")
+
+
+PHOTOS = sorted((Path(__file__).resolve().parents[2] / "assets" / "photos").glob("*.jpg"))
+
+
+def test_real_non_square_photos_get_the_same_pixels_and_logits(tiny_dirs, tmp_path):
+    """On real photos (assets/photos: landscape and portrait) the export's own processor pads with LLaVA's colour,
+    int(mean * 255), in the same place, so pixels and logits equal llava-kit's. llava-kit resizes with PIL (as LLaVA
+    did), so the processor is asked for its PIL backend; transformers' default torchvision backend antialiases its
+    resize differently (docs/data.md)."""
+    from llava_kit.data.images import load_image, pad_colour
+
+    assert len(PHOTOS) == 3 and all(load_image(p).width != load_image(p).height for p in PHOTOS)
+    model, tokenizer = _build(tiny_dirs["vision"], tiny_dirs["llm"])
+    tower = model.vision_tower
+    assert pad_colour(tower.image_mean) == (122, 116, 104)  # CLIP's mean, truncated like LLaVA's expand2square
+    to_hf_llava(model, tokenizer, InferenceSettings("chatml", None, "pad", 2048), tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the photo?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    for path in PHOTOS:
+        image = load_image(path)
+        inputs = processor(images=[image], text=prompt, return_tensors="pt", add_special_tokens=False)
+        pixels = tower.preprocess([prepare_image(image, "pad", tower.image_mean)])
+        assert (inputs["pixel_values"] - pixels).abs().max().item() <= 1e-4, path.name
+        ids = encode_messages([{"role": "user", "content": "<image>\nWhat is in the photo?"}], tokenizer, "chatml",
+                              model.image_token_id, model.tokens_per_image, None, n_images=1,
+                              add_generation_prompt=True).input_ids
+        assert inputs["input_ids"][0].tolist() == ids
+        input_ids = torch.tensor([ids])
+        with torch.no_grad():
+            ours = model(input_ids, pixel_values=pixels).logits
+            theirs = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4, path.name
+        generate = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        answer = hf.generate(**inputs, **generate)[:, input_ids.shape[1]:]
+        assert model.generate(input_ids, pixel_values=pixels, **generate).tolist() == answer.tolist(), path.name
+
+
+def test_exported_chatml_template_renders_tool_calls_like_llava_kit(tiny_tokenizer):
+    """A model trained on tool calls (chatml) gets the same prompt from its exported processor's template."""
+    from llava_kit.data.jinja_templates import jinja_template
+    from tests.unit.test_tool_calls import sample
+
+    s = sample()
+    for system_prompt in (None, "Be brief."):
+        jinja = jinja_template("chatml", tiny_tokenizer, system_prompt, {"template": "chatml"})
+        for messages, generate in ((s.messages[1:], False), (s.messages[1:4], True)):
+            got = tiny_tokenizer.apply_chat_template(messages, tools=s.tools, chat_template=jinja, tokenize=False,
+                                                     add_generation_prompt=generate)
+            assert got == render(messages, tiny_tokenizer, "chatml", system_prompt, generate, tools=s.tools).text

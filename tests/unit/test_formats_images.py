@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_kit.data.formats import read_llava
 from llava_kit.data.images import ImageLoadError, load_image, pad_to_square, resolve_image_path
+from llava_kit.data.readers import read_data
+
+
+def read_llava(paths):
+    return read_data(paths, "llava")
 
 
 def write_jsonl(path, lines):

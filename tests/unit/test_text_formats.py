@@ -5,8 +5,17 @@ import json
 import pytest
 
 from llava_kit.data.encode import IGNORE_INDEX, encode_messages
+from llava_kit.data.readers import detect_format, read_record, read_records
 from llava_kit.data.templates import CHATML_SYSTEM
-from llava_kit.data.text_formats import detect_format, read_conversation_records, record_to_text_sample
+
+
+def record_to_text_sample(record, source, fmt):
+    return read_record(record, source, fmt, stage="text-sft")[0]
+
+
+def read_conversation_records(records):
+    result = read_records(records, "auto", stage="text-sft")
+    return result.samples, result.bad
 
 SYSTEM = "You are Lumen."
 TURNS = [("Who are you?", "I am Lumen."), ("What can you do?", "I answer questions.")]
@@ -112,7 +121,7 @@ BAD = [
 
 
 def test_bad_records_are_kept_with_their_reasons(tmp_path):
-    from llava_kit.data.text_formats import iter_file_records
+    from llava_kit.data.readers import iter_file_records
 
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join([json.dumps(RECORDS["openai"])] + [line for line, _ in BAD]) + "\n")
