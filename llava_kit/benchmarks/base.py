@@ -175,6 +175,9 @@ def read_rows(path: Path) -> list[dict]:
 
 def read_json(path: Path) -> Any:
     """A JSON file's value; a file of JSON Lines (under either suffix) is a list of its lines' values."""
+    if not path.is_file():
+        raise PathNotFoundError(f"benchmark data {str(path)!r} does not exist" if not path.exists() else
+                                f"{path} is a folder; this benchmark reads a .json or .jsonl file here")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:
