@@ -100,8 +100,10 @@ def final_weights(trainer: LlavaTrainer) -> dict:
     if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
         final = {"final_weights": "best", "checkpoint": Path(state.best_model_checkpoint).name,
                  "step": state.best_global_step, "eval_loss": state.best_metric}
-        logger.info("final weights: the best checkpoint, %s (eval_loss %.4f), not the last step (%d)",
-                    final["checkpoint"], state.best_metric, state.global_step)
+        last = "also the last step" if state.best_global_step == state.global_step else \
+            f"not the last step ({state.global_step})"
+        logger.info("final weights: the best checkpoint, %s (eval_loss %.4f), %s", final["checkpoint"],
+                    state.best_metric, last)
     else:
         final = {"final_weights": "last", "step": state.global_step}
         logger.info("final weights: the last step (%d)", state.global_step)
