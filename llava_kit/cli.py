@@ -143,24 +143,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llava_kit.eval import evaluate, format_report, read_eval_records
-    from llava_kit.inference import GenerationService
-    from llava_kit.loader import open_model_dir
-    from llava_kit.scoring import choose_scorer
+    if args.model is None and args.base_url is None:
+        raise UsageError("give the model to score: --model DIR (any model directory) or --base-url URL (an "
+                         "OpenAI-compatible endpoint, e.g. `llava-kit serve`)")
+    if args.model is not None:
+        _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    _existing(args.data, "--data", hint="give the benchmark's local file (or folder)")
+    if args.image_root is not None:
+        _existing(args.image_root, "--image-root", "directory", "give the directory the image files are in")
+    for option, value, least in (("--limit", args.limit, 0), ("--batch-size", args.batch_size, 1),
+                                 ("--concurrency", args.concurrency, 1)):
+        if value < least:
+            raise UsageError(f"{option} {value}: must be at least {least}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.scorer != "auto" and args.benchmark != "custom":
+        raise UsageError(f"--scorer applies to the custom JSONL; benchmark {args.benchmark!r} scores as it defines")
+    from llava_kit.eval import format_summary, run_benchmark
 
-    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
-    _existing(args.data, "--data", "file", "give the eval JSONL")
-    _existing(args.image_root, "--image-root", "directory", "give the directory the `image` paths are relative to")
-    if args.limit < 0:
-        raise UsageError(f"--limit {args.limit}: must be at least 0 (0 scores every question)")
-    records = read_eval_records(args.data)
-    if args.limit:
-        records = records[: args.limit]
-    choose_scorer(records, args.scorer)  # before the model loads: a mismatch fails fast
-    service = GenerationService.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code))
-    accuracy = evaluate(service, records, args.image_root, args.max_new_tokens, args.predictions,
-                        scorer=args.scorer)
-    print(format_report(accuracy), file=args.results)
+    service = None
+    if args.model is not None:
+        from llava_kit.inference import GenerationService
+        from llava_kit.loader import open_model_dir
+
+        service = GenerationService.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code))
+    result = run_benchmark(args.benchmark, args.data, args.image_root, service=service, base_url=args.base_url,
+                           model_name=args.model_name, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+                           limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           concurrency=args.concurrency, predictions_path=args.predictions, scorer=args.scorer)
+    print(format_summary(result), file=args.results)
     return 0
 
 
@@ -306,7 +317,7 @@ def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand (cheap: no torch import)."""
-    from llava_kit.config import DATA_FORMATS, WRITABLE_FORMATS
+    from llava_kit.config import BENCHMARK_NAMES, DATA_FORMATS, WRITABLE_FORMATS
     from llava_kit.schema import add_arguments
     from llava_kit.serve.settings import CLI_FIELDS as SERVE_FIELDS
     from llava_kit.serve.settings import WEBUI_FIELDS, WEBUI_PORT, ServerSettings
@@ -408,18 +419,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_webui)
 
-    p = sub.add_parser("eval", help="score held-out questions through the chat code path",
-                       description="Answer each question of an eval JSONL (`answer`, or a task's fields) and "
-                                   "print accuracy per kind, ending with `accuracy: X.XX`.")
-    p.add_argument("--model", required=True, help="a merged model directory or a run directory")
-    p.add_argument("--data", required=True, help="eval JSONL: {image, question, answer | kind+shape+color}")
-    p.add_argument("--image-root", required=True, help="directory the `image` paths are relative to")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N questions (0 = all)")
-    p.add_argument("--predictions", help="write every question with its prediction to this JSONL")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    p = sub.add_parser("eval", help="score a model on a benchmark (MMBench, MME, POPE, ScienceQA-IMG, VQA, or a JSONL)",
+                       description="Answer a benchmark's questions, read from its standard local files, with "
+                                   "LLaVA-1.5's prompts, through any model directory (--model) or any "
+                                   "OpenAI-compatible endpoint (--base-url), and print its metrics per category, "
+                                   "the headline metric last (the custom JSONL: `accuracy: X.XX`). docs/evaluation.md "
+                                   "lists the files each benchmark reads.")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", help="a model directory: run (LoRA not merged), merged, hf-llava export, ...")
+    model.add_argument("--base-url", help="an OpenAI-compatible endpoint instead, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--benchmark", default="custom", choices=BENCHMARK_NAMES,
+                   help="the benchmark and so the file format (default custom: llava-kit's eval JSONL)")
+    p.add_argument("--data", required=True,
+                   help="the benchmark's local file or folder (custom: JSONL {image, question, answer | "
+                        "kind+shape+color})")
+    p.add_argument("--image-root", help="directory the image file names are relative to (not needed where the file "
+                                        "holds its images: MMBench's TSV, parquet files, MME's release folder)")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N questions (0 = all; MMBench: "
+                                                        "circular groups; MME: images)")
+    p.add_argument("--predictions", help="write every prompt with its prediction and score to this JSONL")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: 32 for custom, 16 for the "
+                                                      "others)")
+    p.add_argument("--batch-size", type=int, default=32, help="--model: questions decoded together (default 32)")
+    p.add_argument("--concurrency", type=int, default=8, help="--base-url: requests in flight (default 8)")
+    p.add_argument("--model-name", help="--base-url: the model to ask (default: the first GET /models lists)")
+    p.add_argument("--api-key", help="--base-url: its API key (default $OPENAI_API_KEY; any placeholder for a server "
+                                     "without one)")
     p.add_argument("--scorer", default="auto", choices=["auto", *SCORERS],
-                   help="how answers are scored: exact (`answer` field), shapes (the shapes task's fields), or auto "
-                        "(the first that fits every record; default)")
+                   help="custom only: how answers are scored: exact (`answer` field), shapes (the shapes task's "
+                        "fields), or auto (the first that fits every record; default)")
     _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_eval)
 

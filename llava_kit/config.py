@@ -45,6 +45,9 @@ DATASET_KEYS = ("path", "format", "weight", "split", "subset")
 # Chat template names (llava_kit/data/templates.py renders them); here so that config checks them without importing
 # the data layer.
 TEMPLATE_NAMES = ("plain", "vicuna_v1", "chatml", "tokenizer")
+# Benchmark names (llava_kit/benchmarks/ registers one module each); here so that configs and the CLI check them
+# without importing the benchmarks. tests/unit/test_benchmarks.py checks them against the registry.
+BENCHMARK_NAMES = ("custom", "mmbench", "mmbench-cn", "mme", "pope", "scienceqa-img", "vqa")
 
 # transformers' names, written out so a typo fails here and not deep inside the Trainer; tests/unit/test_config.py
 # checks them against the installed transformers (SchedulerType, the reporting integrations, attention kernels).
@@ -170,11 +173,28 @@ class DataConfig(Schema):
     """`skip` drops and reports bad records; `error` stops at the first one."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    eval_path: str | list[str] = ""
+    """Held-out data file(s) in the formats of `path`, read and encoded as the training data is (same template,
+    lengths, images); its loss is evaluated every `train.eval_steps` and at the end (metrics.jsonl, TensorBoard,
+    loss.png). Empty: no held-out evaluation."""
     feature_cache: Literal["auto", "off"] = "auto"
     """`auto`: with a frozen vision tower, encode each image once (fp16 on disk) and train from the cached
     features; reruns over the same images skip the tower entirely. `off`: run the tower every step."""
     feature_cache_dir: str = ""
     """Where cached features live; empty means `$LLAVA_KIT_HOME/feature_cache` (~/.cache/llava-kit/...)."""
+
+
+class EvalBenchmarkConfig(Schema):
+    name: Literal[("", *BENCHMARK_NAMES)] = ""
+    """A benchmark of `llava-kit eval --benchmark` (BENCHMARK_NAMES); empty: off."""
+    data: str = ""
+    """Its local file (or folder), as `llava-kit eval --data` takes it."""
+    image_root: str = ""
+    """The folder its image files are in (empty where the file holds its images)."""
+    limit: int = Field(50, ge=0)
+    """Score the first N questions only (MMBench: circular groups; MME: images); 0 = all."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Longest answer in tokens."""
 
 
 class TrainConfig(Schema):
@@ -216,6 +236,16 @@ class TrainConfig(Schema):
     """Where the Trainer logs: tensorboard, wandb, mlflow, ... (REPORT_INTEGRATIONS), a list of them, none or all."""
     use_cpu: bool = False
     """Train on the CPU even when a GPU is present."""
+    eval_steps: int | None = None
+    """Evaluate the held-out loss (`data.eval_path`) every N optimizer steps, and at the end; None: every
+    `save_steps`."""
+    keep_best: bool = False
+    """Keep the checkpoint with the lowest held-out loss (never rotated away) and end the run with its weights in
+    the run directory, instead of the last step's; needs `data.eval_path`, and checkpoints at the evaluations
+    (`eval_steps` = `save_steps`)."""
+    eval_benchmark: EvalBenchmarkConfig = Field(default_factory=EvalBenchmarkConfig)
+    """Also score a small benchmark subset at every evaluation (off by default; greedy answers of the model being
+    trained, through the generation service)."""
 
 
 class RunConfig(Schema):
@@ -306,6 +336,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         problems.append("set `train.max_steps` > 0 or `train.num_epochs` > 0")
     if t.learning_rate <= 0 or (t.projector_learning_rate is not None and t.projector_learning_rate <= 0):
         problems.append("learning rates must be > 0")
+    problems += _held_out_problems(cfg)
     if not 0 <= t.lr_warmup_ratio < 1:
         problems.append(f"`train.lr_warmup_ratio` must be in [0, 1), got {t.lr_warmup_ratio}")
     if cfg.model.lora.r < 1 or cfg.model.lora.alpha <= 0:
@@ -314,6 +345,39 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         entries = [{"path": d} if isinstance(d, str) else d for d in cfg.data.datasets]
         problems += _missing_paths(cfg, paths + [d.get("path") for d in entries
                                                  if isinstance(d, dict) and isinstance(d.get("path"), str)])
+        held_out = cfg.data.eval_path if isinstance(cfg.data.eval_path, list) else [cfg.data.eval_path]
+        problems += [f"`data.eval_path` file {p!r} does not exist" for p in held_out if p and not data_file_exists(p)]
+        bench = cfg.train.eval_benchmark
+        if bench.name and bench.data and not Path(bench.data).exists():
+            problems.append(f"`train.eval_benchmark.data` {bench.data!r} does not exist")
+    return problems
+
+
+def _held_out_problems(cfg: RunConfig) -> list[str]:
+    """Checks of evaluation during training: data.eval_path, train.eval_steps, keep_best, eval_benchmark."""
+    problems, t = [], cfg.train
+    held_out = cfg.data.eval_path
+    if t.eval_steps is not None and t.eval_steps < 1:
+        problems.append(f"`train.eval_steps` must be >= 1, got {t.eval_steps}")
+    if not held_out:
+        for key, given in (("train.eval_steps", t.eval_steps is not None), ("train.keep_best", t.keep_best),
+                           ("train.eval_benchmark.name", bool(t.eval_benchmark.name))):
+            if given:
+                problems.append(f"`{key}` needs held-out data: set `data.eval_path` (a file in the training data's "
+                                "format)")
+    if t.keep_best and t.eval_steps is not None and t.eval_steps != t.save_steps:
+        problems.append(f"`train.keep_best` keeps the checkpoint with the lowest held-out loss, so checkpoints are "
+                        f"saved at the evaluations: set `train.eval_steps` equal to `train.save_steps` "
+                        f"({t.save_steps}), or leave eval_steps out")
+    if t.deepspeed and (t.keep_best or t.eval_benchmark.name):
+        problems.append("`train.keep_best` and `train.eval_benchmark` are not supported with `train.deepspeed`; "
+                        "evaluate the held-out loss alone (data.eval_path), or train without DeepSpeed")
+    bench = t.eval_benchmark
+    if bench.name and not bench.data:
+        problems.append(f"`train.eval_benchmark.data` is empty; give the local file of benchmark {bench.name!r}")
+    if bench.name and bench.name != "custom" and cfg.modality == "text":
+        problems.append(f"`train.eval_benchmark` {bench.name!r} asks about images; stage `{cfg.stage}` trains a text "
+                        "model (use `custom` with text-only questions)")
     return problems
 
 

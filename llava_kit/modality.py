@@ -30,6 +30,9 @@ from llava_kit.store.specs import COMPLETION, InferenceSettings
 
 logger = logging.getLogger(__name__)
 
+DATA_REPORT = "data_report.json"
+EVAL_DATA_REPORT = "eval_data_report.json"  # the held-out data's (data.eval_path)
+
 class Modality:
     """The behaviour one modality gives its stages and models; see the module docstring."""
 
@@ -41,9 +44,17 @@ class Modality:
         """(model, tokenizer) with trainability applied, as `cfg.model` says."""
         raise NotImplementedError
 
-    def build_dataset(self, cfg: RunConfig, model, tokenizer, device: torch.device):
-        """The training dataset (its `.report` says what was kept and skipped)."""
+    def build_dataset(self, cfg: RunConfig, model, tokenizer, device: torch.device, report: str = DATA_REPORT):
+        """The training dataset (its `.report` says what was kept and skipped; written to RUN_DIR/`report` when the
+        data stops the run)."""
         raise NotImplementedError
+
+    def build_eval_dataset(self, cfg: RunConfig, model, tokenizer, device: torch.device):
+        """The held-out dataset of `data.eval_path`, read and encoded exactly as the training data is (the same
+        builder: template, lengths, images, feature cache), with its own report (eval_data_report.json)."""
+        held_out = cfg.model_copy(deep=True)
+        held_out.data.path, held_out.data.datasets = cfg.data.eval_path, []
+        return self.build_dataset(held_out, model, tokenizer, device, report=EVAL_DATA_REPORT)
 
     def language_model(self, model):
         """The causal LM inside `model` (for gradient checkpointing, generation)."""
@@ -106,12 +117,12 @@ class MultimodalModality(Modality):
         apply_trainability(model, cfg.model.trainable, cfg.model.lora, checkpointing)
         return model, tokenizer
 
-    def build_dataset(self, cfg, model, tokenizer, device):
+    def build_dataset(self, cfg, model, tokenizer, device, report=DATA_REPORT):
         from llava_kit.data.multimodal import build_multimodal_dataset
 
-        dataset = _reporting(cfg, lambda: build_multimodal_dataset(cfg, model, tokenizer, device))
+        dataset = _reporting(cfg, lambda: build_multimodal_dataset(cfg, model, tokenizer, device), report)
         # images that fail to decode during training are added to the run's report (llava_kit/data/dataset.py)
-        getattr(dataset, "dataset", dataset).report_path = Path(cfg.output_dir) / DATA_REPORT
+        getattr(dataset, "dataset", dataset).report_path = Path(cfg.output_dir) / report
         return dataset
 
     def language_model(self, model):
@@ -177,10 +188,10 @@ class TextModality(Modality):
                     f"{sum(p.numel() for p in llm.parameters()):,}", mode)
         return llm, tokenizer
 
-    def build_dataset(self, cfg, model, tokenizer, device):
+    def build_dataset(self, cfg, model, tokenizer, device, report=DATA_REPORT):
         from llava_kit.data.text import build_text_dataset
 
-        return _reporting(cfg, lambda: build_text_dataset(cfg.data, cfg.stage, tokenizer, seed=cfg.seed))
+        return _reporting(cfg, lambda: build_text_dataset(cfg.data, cfg.stage, tokenizer, seed=cfg.seed), report)
 
     def language_model(self, model):
         return model
@@ -226,12 +237,10 @@ class TextModality(Modality):
         return None
 
 
-DATA_REPORT = "data_report.json"
-
-
-def _reporting(cfg: RunConfig, build):
+def _reporting(cfg: RunConfig, build, report_name: str = DATA_REPORT):
     """Build a dataset; when the data stops the run (nothing usable, too many over-long records), log the skip
-    reasons by count and write the run's data_report.json first, so the reasons are never lost."""
+    reasons by count and write the run's report (data_report.json, or eval_data_report.json for the held-out data)
+    first, so the reasons are never lost."""
     from llava_kit.errors import DataError
 
     try:
@@ -240,7 +249,7 @@ def _reporting(cfg: RunConfig, build):
         report = getattr(err, "report", None)
         if report is not None:
             report.log()
-            report.write(Path(cfg.output_dir) / DATA_REPORT)
+            report.write(Path(cfg.output_dir) / report_name)
         raise
 
 

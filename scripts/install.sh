@@ -25,7 +25,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
 echo "install: torch (pinned by constraints.txt)" >&2
 "${PIP[@]}" install -q -c constraints.txt torch
 echo "install: llava-kit with its dependencies" >&2
-"${PIP[@]}" install -q -c constraints.txt -e ".[dev,deepspeed,webui]"
+"${PIP[@]}" install -q -c constraints.txt -e ".[dev,deepspeed,webui,eval]"
 "$VENV/bin/python" scripts/fix_torchvision.py
 ./scripts/install_browser.sh
 "$VENV/bin/python" -c "import llava_kit, transformers, peft, open_clip; print('install: ok, llava-kit', llava_kit.__version__)" >&2

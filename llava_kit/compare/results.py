@@ -21,6 +21,9 @@ class ProjectorResult:
     final_loss: float
     """The last logged sft training loss."""
     accuracy: float
-    """Held-out accuracy, all questions."""
+    """The held-out headline metric (`metric`) over all questions: accuracy for the custom JSONL."""
     accuracy_by_kind: dict[str, float] = field(default_factory=dict)
+    """The same metric per kind (custom) or category (a standard benchmark)."""
     train_seconds: float = 0.0
+    metric: str = "accuracy"
+    """The benchmark's headline metric that `accuracy` holds (circular_accuracy for MMBench, f1 for POPE, ...)."""

@@ -19,11 +19,12 @@ import logging
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from llava_kit.compare.results import ProjectorResult
+from llava_kit.config import BENCHMARK_NAMES
 from llava_kit.errors import ConfigError, PathNotFoundError, UsageError
 from llava_kit.schema import Schema, check_data, deep_merge, did_you_mean, load_yaml_file
 
@@ -89,10 +90,14 @@ def format_listing(rows: list[dict]) -> str:
 class EvalSettings(Schema):
     """The held-out questions every projector answers."""
 
+    benchmark: Literal[BENCHMARK_NAMES] = "custom"
+    """The benchmark they are scored with (`llava-kit eval --benchmark`); the report's accuracy column is its
+    headline metric. Default custom: llava-kit's eval JSONL (the shapes task's)."""
     data: str = ""
-    """Eval JSONL ({image, question, answer | kind+shape+color}); filled in by `shapes`."""
+    """The benchmark's local file (custom: eval JSONL {image, question, answer | kind+shape+color}); filled in by
+    `shapes`."""
     image_root: str = ""
-    """Directory the questions' `image` paths are relative to; filled in by `shapes`."""
+    """Directory the questions' image paths are relative to; filled in by `shapes`."""
     max_new_tokens: int = Field(24, ge=1)
     """Longest answer in tokens."""
     limit: int = Field(0, ge=0)
@@ -186,7 +191,7 @@ def stage_configs(compare: CompareConfig, prepared: dict | None) -> tuple[dict, 
         pretrain, sft = deep_merge(demo["pretrain"], pretrain), deep_merge(demo["sft"], sft)
         evaluation = evaluation.model_copy(update={"data": evaluation.data or str(prepared["eval"]),
                                                    "image_root": evaluation.image_root or str(prepared["images"])})
-    for key in ("data", "image_root"):
+    for key in ("data", "image_root") if evaluation.benchmark == "custom" else ("data",):
         if not getattr(evaluation, key):
             raise ConfigError(f"`eval.{key}` is empty; set the held-out questions (JSONL) and their image root, "
                               "or use `shapes` to prepare the shapes task", "comparison config")
@@ -278,7 +283,7 @@ def _sft_metrics(run_dir: Path, max_steps: int) -> tuple[float, float]:
 def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: EvalSettings,
             runs_dir: Path) -> ProjectorResult:
     """Pretrain + sft + held-out eval of one projector; a projector without parameters skips pretraining."""
-    from llava_kit.eval import evaluate
+    from llava_kit.eval import run_benchmark
     from llava_kit.inference import GenerationService
     from llava_kit.loader import open_model_dir
     from llava_kit.train.engine import train
@@ -295,14 +300,16 @@ def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: Eva
     train_seconds = time.perf_counter() - start
     step_time, final_loss = _sft_metrics(sft_dir, sft_cfg.train.max_steps)
     service = GenerationService.from_loaded(open_model_dir(sft_dir))
-    records = held_out_records(evaluation)
-    accuracy = evaluate(service, records, evaluation.image_root, max_new_tokens=evaluation.max_new_tokens,
-                        predictions_path=sft_dir / "eval_predictions.jsonl")
+    scored = run_benchmark(evaluation.benchmark, evaluation.data, evaluation.image_root or None, service=service,
+                           limit=evaluation.limit, max_new_tokens=evaluation.max_new_tokens,
+                           predictions_path=sft_dir / "eval_predictions.jsonl")
+    headline = scored.benchmark.headline
     result = ProjectorResult(projector=name, parameters=parameters, visual_tokens=tokens,
                              step_time_ms=1000 * step_time, memory_mib=memory / 2**20, final_loss=final_loss,
-                             accuracy=accuracy["all"], accuracy_by_kind={k: v for k, v in accuracy.items() if k != "all"},
-                             train_seconds=train_seconds)
-    logger.info("compare: %s -> accuracy %.2f (%d tokens, %s parameters, %.0f ms/step)", name, result.accuracy,
+                             accuracy=scored.headline,
+                             accuracy_by_kind={c: m[headline] for c, m in scored.scores.by_category.items()},
+                             train_seconds=train_seconds, metric=headline)
+    logger.info("compare: %s -> %s %.2f (%d tokens, %s parameters, %.0f ms/step)", name, headline, result.accuracy,
                 tokens, f"{parameters:,}", result.step_time_ms)
     return result
 
@@ -333,7 +340,7 @@ def compare_projectors(config_path: str | Path, projectors: list[str] | None = N
     machine = {"seconds": time.perf_counter() - start, "load_before": load_before, "load_after": _load_average()}
     report = Path(report) if report else output_dir / "comparison.md"
     recipe = {"pretrain": stage_summary(pretrain), "sft": stage_summary(sft),
-              "eval": len(held_out_records(evaluation))}
+              "eval": held_out_count(evaluation), "benchmark": evaluation.benchmark}
     from llava_kit.compare.report import write_report
 
     write_report(results, report, config_path, prepared is not None, machine, recipe)
@@ -359,9 +366,12 @@ def stage_summary(stage: dict) -> str:
             + (f" (projector {projector_lr})" if projector_lr and projector_lr != lr else ""))
 
 
-def held_out_records(evaluation: EvalSettings) -> list:
-    """The held-out records the comparison scores (after `limit`)."""
-    from llava_kit.eval import read_eval_records
+def held_out_count(evaluation: EvalSettings) -> int:
+    """How many held-out questions the comparison scores (after `limit`; MMBench: circular groups, MME: images)."""
+    from llava_kit.benchmarks import get_benchmark
 
-    records = read_eval_records(evaluation.data)
-    return records[: evaluation.limit] if evaluation.limit else records
+    benchmark = get_benchmark(evaluation.benchmark)
+    items = benchmark.read(Path(evaluation.data), Path(evaluation.image_root) if evaluation.image_root else None,
+                           evaluation.limit)
+    groups = {item.record.get("group", item.record.get("pair", item.id)) for item in items}
+    return len(groups)

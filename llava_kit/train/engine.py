@@ -21,8 +21,9 @@ from transformers import TrainingArguments, set_seed
 from llava_kit.config import RunConfig, save_config
 from llava_kit.data.dataset import Collator
 from llava_kit.data.packing import PackedCollator
-from llava_kit.modality import modality_for_stage
+from llava_kit.modality import EVAL_DATA_REPORT, modality_for_stage
 from llava_kit.model.trainable import check_qlora_available
+from llava_kit.train.benchmark_probe import BenchmarkProbe
 from llava_kit.train.checkpoints import check_checkpoint, latest_checkpoint, prepare_run_dir, remove_stale_staging
 from llava_kit.train.plots import plot_loss
 from llava_kit.train.trainer import LlavaTrainer
@@ -74,6 +75,7 @@ def choose_gradient_checkpointing(requested: bool | str, gpu: bool) -> bool:
 
 def training_arguments(cfg: RunConfig, precision: str) -> TrainingArguments:
     t = cfg.train
+    held_out = bool(cfg.data.eval_path)
     return TrainingArguments(
         output_dir=cfg.output_dir, seed=cfg.seed, per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, num_train_epochs=t.num_epochs,
@@ -83,7 +85,29 @@ def training_arguments(cfg: RunConfig, precision: str) -> TrainingArguments:
         save_total_limit=t.save_total_limit, bf16=precision == "bf16", fp16=precision == "fp16",
         deepspeed=t.deepspeed, report_to=t.report_to, use_cpu=t.use_cpu,
         dataloader_num_workers=cfg.data.num_workers, remove_unused_columns=False, ddp_find_unused_parameters=False,
+        # Held-out loss by the Trainer's own loop (the model returns {"loss"}; nothing else is gathered).
+        eval_strategy="steps" if held_out else "no", eval_steps=(t.eval_steps or t.save_steps) if held_out else None,
+        per_device_eval_batch_size=t.micro_batch_size, prediction_loss_only=True,
+        load_best_model_at_end=t.keep_best, metric_for_best_model="eval_loss" if t.keep_best else None,
+        greater_is_better=False if t.keep_best else None,
     )
+
+
+def final_weights(trainer: LlavaTrainer) -> dict:
+    """Which weights the run directory gets, logged and returned as metrics.jsonl's last line: the best checkpoint's
+    (train.keep_best; the Trainer loaded them back at the end) or the last step's."""
+    state = trainer.state
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        final = {"final_weights": "best", "checkpoint": Path(state.best_model_checkpoint).name,
+                 "step": state.best_global_step, "eval_loss": state.best_metric}
+        last = "also the last step" if state.best_global_step == state.global_step else \
+            f"not the last step ({state.global_step})"
+        logger.info("final weights: the best checkpoint, %s (eval_loss %.4f), %s", final["checkpoint"],
+                    state.best_metric, last)
+    else:
+        final = {"final_weights": "last", "step": state.global_step}
+        logger.info("final weights: the last step (%d)", state.global_step)
+    return final
 
 
 def train(cfg: RunConfig, overwrite: bool = False) -> Path:
@@ -116,18 +140,27 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
             gradient_checkpointing_kwargs={"use_reentrant": False})
     dataset.report.log()
     (run_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
+    eval_dataset = None
+    if cfg.data.eval_path:  # held-out data, read and encoded as the training data is, with its own report
+        eval_dataset = modality.build_eval_dataset(cfg, model, tokenizer, args.device)
+        (run_dir / EVAL_DATA_REPORT).write_text(json.dumps(eval_dataset.report.to_dict(), indent=2))
+        logger.info("held-out loss on %d examples of %s every %d steps and at the end%s", len(eval_dataset),
+                    cfg.data.eval_path, args.eval_steps, "; the best checkpoint is kept" if cfg.train.keep_best else "")
+    probe = BenchmarkProbe(cfg, tokenizer, modality) if cfg.train.eval_benchmark.name else None
 
     trainer = LlavaTrainer(
-        model=model, args=args, train_dataset=dataset,
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         data_collator=(PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id),
-        projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length)
+        projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length,
+        benchmark_probe=probe)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final = final_weights(trainer)
 
     # Every process takes part in saving (ZeRO-3 gathers partitioned weights collectively); rank 0 writes.
     writer = trainer.is_world_process_zero()
     modality.save_run(model, tokenizer, cfg, run_dir, writer=writer)
     if writer:
-        history = trainer.state.log_history
+        history = [*trainer.state.log_history, final]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         plot_loss(history, run_dir / "loss.png", title=f"{cfg.stage}: {run_dir.name}")
         logger.info("saved the trained weights, metrics.jsonl and loss.png in %s", run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
 import shutil
 from pathlib import Path
@@ -14,18 +15,30 @@ from transformers.trainer_utils import rotate_checkpoints
 from llava_kit.data.dataset import LlavaDataset
 from llava_kit.data.sampling import ModalityLengthGroupedSampler
 from llava_kit.errors import ModelLoadError, PathNotFoundError
-from llava_kit.train.checkpoints import CheckpointError, disk_full_error, is_disk_full, publish, staging_dir
+from llava_kit.train.checkpoints import (
+    TRAINER_STATE,
+    CheckpointError,
+    disk_full_error,
+    is_disk_full,
+    publish,
+    staging_dir,
+)
+
+logger = logging.getLogger(__name__)
 
 
 class LlavaTrainer(Trainer):
     """The HF Trainer with a separate projector learning rate, length-grouped batches, checkpoints that hold only
-    the trained tensors, written atomically (llava_kit/train/checkpoints.py) and checked before a resume."""
+    the trained tensors, written atomically (llava_kit/train/checkpoints.py) and checked before a resume, the best
+    checkpoint (train.keep_best) never rotated away, and an optional benchmark score at each evaluation."""
 
     def __init__(self, *args, projector_learning_rate: float | None = None, group_by_length: bool = False,
-                 **kwargs):
+                 benchmark_probe=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_learning_rate = projector_learning_rate
         self.group_by_length = group_by_length
+        self.benchmark_probe = benchmark_probe
+        """Called with the model at each evaluation; returns metrics to log (llava_kit/train/benchmark_probe.py)."""
         self._checkpoint_root: Path | None = None  # the staging directory while a checkpoint is written
 
     def _get_train_sampler(self, train_dataset=None):
@@ -59,6 +72,25 @@ class LlavaTrainer(Trainer):
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         state_dict = self.model.state_dict() if state_dict is None else state_dict
         super()._save(output_dir, state_dict={k: v for k, v in state_dict.items() if k in trainable})
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The held-out loss, then the benchmark score when train.eval_benchmark is set (logged with it)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.benchmark_probe is not None:
+            scores = self.benchmark_probe(self.model)
+            self.log(scores)
+            metrics.update(scores)
+        return metrics
+
+    def _load_best_model(self) -> None:
+        # The best checkpoint holds only the trainable tensors, as every checkpoint: load it as a resume does (the
+        # Trainer's own loader would warn of every frozen weight as missing). DeepSpeed keeps its own format.
+        if self.is_deepspeed_enabled:
+            super()._load_best_model()
+            return
+        logger.info("loading the best checkpoint %s (eval_loss %.4f)", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Our checkpoints hold exactly the trainable tensors: load them, and refuse a checkpoint of another run
@@ -95,6 +127,7 @@ class LlavaTrainer(Trainer):
         self._checkpoint_root = staging
         try:
             super()._save_checkpoint(model, trial)
+            self._point_at_best(run_dir, staging / f"checkpoint-{step}")
         except Exception as err:
             shutil.rmtree(staging, ignore_errors=True)
             if is_disk_full(err) or "No space left" in str(err) or "file write failed" in str(err):
@@ -109,6 +142,22 @@ class LlavaTrainer(Trainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def _point_at_best(self, run_dir: Path, written: Path) -> None:
+        """Name the best checkpoint by its final place, RUN_DIR/checkpoint-N.
+
+        The Trainer looks for the best checkpoint in the directory it saved into, the staging one: it would name a
+        path that is gone once the checkpoint is renamed (and so unprotected by the rotation, and not found at the
+        end), or not update it at all when the best is an earlier checkpoint. The trainer state written with the
+        checkpoint (read back on resume) gets the final path too.
+        """
+        if not self.state.best_global_step:
+            return
+        best = run_dir / f"checkpoint-{self.state.best_global_step}"
+        if self.state.best_global_step == self.state.global_step or best.is_dir():
+            self.state.best_model_checkpoint = str(best)
+            if self.args.should_save:
+                self.state.save_to_json(str(written / TRAINER_STATE))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         with _naming_damaged_files(checkpoint, "optimizer.pt or scheduler.pt"):

@@ -72,3 +72,24 @@ def demo_model(tmp_path_factory) -> Path:
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "merged"
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory):
+    """A tiny sft run (LoRA, not merged), its merge and its hf-llava export.
+
+    Tiny models of seed 5 and one step at a tiny learning rate: answers that differ from image to image (seed 0's
+    say "a a a" to everything, and a few real steps teach it to stop at once), so equal answers mean equal pixels.
+    """
+    from llava_kit.config import config_from_dict
+    from llava_kit.export.hf_llava import export_model
+    from llava_kit.export.merge import merge_run
+    from llava_kit.testing.tiny import init_tiny
+    from llava_kit.train.engine import train
+
+    root = tmp_path_factory.mktemp("eval_models")
+    tiny = init_tiny(root / "tiny", seed=5)
+    run = train(config_from_dict(tiny_config(tiny, root / "sft", "sft", **{"train.max_steps": 1,
+                                                                          "train.learning_rate": 1e-6})))
+    merged = merge_run(run, root / "merged")
+    return {"run": Path(run), "merged": Path(merged), "export": Path(export_model(merged, root / "export"))}

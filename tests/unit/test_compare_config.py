@@ -69,3 +69,32 @@ def test_eval_settings_are_filled_in_by_the_prepared_task_unless_given(tmp_path)
     assert evaluation == EvalSettings(data=str(tmp_path / "eval.jsonl"), image_root=str(tmp_path / "images"), limit=3)
     with pytest.raises(ConfigError, match="`eval.data` is empty"):
         stage_configs(CompareConfig(output_dir="x"), None)
+
+
+def test_eval_benchmark_is_checked_and_any_benchmark_can_score(tmp_path):
+    data = {"output_dir": "x", "eval": {"benchmark": "mmbenhc", "data": "MMBench_DEV_EN.tsv"}}
+    with pytest.raises(ConfigError, match="`eval.benchmark` must be .*'mmbench'.*got 'mmbenhc'"):
+        load_compare_config(_write(tmp_path, data))
+    data["eval"]["benchmark"] = "mmbench"
+    compare = load_compare_config(_write(tmp_path, data))
+    # a benchmark whose file holds its images needs no image root (the custom JSONL does)
+    assert stage_configs(compare, None)[2] == EvalSettings(benchmark="mmbench", data="MMBench_DEV_EN.tsv")
+
+
+def test_the_report_names_the_benchmarks_headline_metric(tmp_path):
+    import csv
+
+    from llava_kit.compare import ProjectorResult
+    from llava_kit.compare.report import write_report
+
+    results = [ProjectorResult("linear", 10, 16, 5.0, 1.0, 2.0, 0.75, {"adversarial": 0.5}, metric="f1"),
+               ProjectorResult("avgpool", 20, 4, 5.0, 1.0, 2.0, 0.25, {"adversarial": 0.0}, metric="f1")]
+    report = tmp_path / "comparison.md"
+    write_report(results, report, "compare.yaml", False, {"seconds": 60.0}, {"pretrain": "2 steps", "sft": "2 steps",
+                                                                             "eval": 3, "benchmark": "pope"})
+    text = report.read_text()
+    assert "| final loss | held-out f1 | adversarial |" in text and "Highest held-out f1: **linear** (0.75)" in text
+    assert "3 held-out questions of benchmark `pope`" in text
+    with report.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["accuracy"] == "0.750" and rows[0]["metric"] == "f1" and rows[0]["accuracy_adversarial"] == "0.500"
