@@ -68,18 +68,30 @@ def list_projectors(vision_width: int, llm_width: int, grid: tuple[int, int], ha
             rows.append({"projector": name, "visual_tokens": None, "parameters": None, "note": str(err)})
             continue
         rows.append({"projector": name, "visual_tokens": projector.num_output_tokens,
-                     "parameters": count_parameters(projector), "note": ""})
+                     "parameters": count_parameters(projector), "tiles": tiles_text(projector), "note": ""})
     return rows
+
+
+def tiles_text(projector) -> str:
+    """How the projector takes AnyRes tiles (`Projector.tiles`), in a few words."""
+    refusal = projector.tiles_refusal()
+    if refusal:
+        return f"refused: {refusal}"
+    if projector.tiles == "grid":
+        rows, cols = projector.token_grid
+        return f"per tile, {rows}x{cols} grid"
+    return "per tile, concatenated"
 
 
 def format_listing(rows: list[dict]) -> str:
     """A plain-text table of `list_projectors` rows."""
-    lines = [f"{'projector':<14} {'visual tokens':>13} {'parameters':>14}"]
+    lines = [f"{'projector':<14} {'visual tokens':>13} {'parameters':>14}  AnyRes tiles"]
     for row in rows:
         if row["parameters"] is None:
             lines.append(f"{row['projector']:<14} {'-':>13} {'-':>14}  refused: {row['note']}")
         else:
-            lines.append(f"{row['projector']:<14} {row['visual_tokens']:>13,} {row['parameters']:>14,}")
+            lines.append(f"{row['projector']:<14} {row['visual_tokens']:>13,} {row['parameters']:>14,}  "
+                         f"{row['tiles']}")
     return "\n".join(lines)
 
 
