@@ -22,6 +22,7 @@ from llava_kit.data.images import ImageLoadError, load_image
 from llava_kit.data.templates import IMAGE_TOKEN
 from llava_kit.errors import LlavaKitError, UsageError
 from llava_kit.inference.sampling import SamplingError, SamplingParams
+from llava_kit.inference.service import image_sizes
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(.*)", re.DOTALL)
@@ -44,6 +45,8 @@ class ChatRequest:
     n_images: int
     params: SamplingParams
     stream: bool
+    image_sizes: list | None = None
+    """Each image's (height, width), for AnyRes models."""
 
 
 def parse_chat_request(body: bytes, service, settings) -> ChatRequest:
@@ -83,7 +86,7 @@ def parse_chat_request(body: bytes, service, settings) -> ChatRequest:
         pixel_values = service.preprocess(images)
     except LlavaKitError as err:  # images sent to a text-only model
         raise RequestError(str(err), "messages") from None
-    return ChatRequest(canonical, pixel_values, len(images), params, stream)
+    return ChatRequest(canonical, pixel_values, len(images), params, stream, image_sizes(images))
 
 
 def _or(value, default):

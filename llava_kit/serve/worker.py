@@ -93,7 +93,8 @@ class ModelWorker(threading.Thread):
         for job in batch:
             try:
                 request = job.request
-                prompt = Prompt(self.service.encode(request.messages, request.n_images), request.pixel_values)
+                prompt = Prompt(self.service.encode(request.messages, request.n_images, request.image_sizes),
+                                request.pixel_values, request.image_sizes)
             except LlavaKitError as err:  # a prompt over the model's positions, an image for a text model
                 job.fail(str(err), 400)
                 continue
