@@ -74,14 +74,43 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from llava_kit.schema import parse_arguments
-    from llava_kit.serve.settings import ServerSettings
+    from llava_kit.serve.settings import ServerSettings, parse_models
 
-    settings = parse_arguments(ServerSettings, args, api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY"),
-                               model_name=args.model_name or Path(args.model).resolve().name)
-    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    settings = parse_arguments(ServerSettings, args, api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY"))
+    models = parse_models(args.model, settings.model_name)
+    for _, path in models:
+        _existing(path, "--model", "directory", MODEL_DIR_HINT)
+    setup = None
+    if settings.webui:
+        try:
+            from llava_kit.webui import mount_webui
+
+            setup = mount_webui
+        except ImportError as err:
+            logging.getLogger(__name__).warning("the web chat is off: %s; install it with pip install "
+                                                "'llava-kit[webui]' (or pass --no-webui)", err)
     from llava_kit.serve.server import serve
 
-    serve(args.model, settings, trust_remote_code=args.trust_remote_code)
+    serve(models, settings, trust_remote_code=args.trust_remote_code, setup=setup)
+    return 0
+
+
+def cmd_webui(args: argparse.Namespace) -> int:
+    from llava_kit.schema import parse_arguments
+    from llava_kit.serve.settings import ServerSettings, parse_models
+
+    settings = parse_arguments(ServerSettings, args)
+    models = parse_models(args.model)
+    for _, path in models:
+        _existing(path, "--model", "directory", MODEL_DIR_HINT)
+    try:
+        from llava_kit.webui import mount_webui
+    except ImportError as err:
+        raise UsageError(f"the web chat needs gradio ({err}); install it with pip install 'llava-kit[webui]'") \
+            from None
+    from llava_kit.serve.server import serve
+
+    serve(models, settings, trust_remote_code=args.trust_remote_code, setup=mount_webui, openai_api=False)
     return 0
 
 
@@ -280,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llava_kit.config import DATA_FORMATS, WRITABLE_FORMATS
     from llava_kit.schema import add_arguments
     from llava_kit.serve.settings import CLI_FIELDS as SERVE_FIELDS
-    from llava_kit.serve.settings import ServerSettings
+    from llava_kit.serve.settings import WEBUI_FIELDS, WEBUI_PORT, ServerSettings
 
     parser = argparse.ArgumentParser(
         prog="llava-kit",
@@ -354,15 +383,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)",
-                       description="Serve a merged model or run directory over HTTP like the OpenAI API: text and "
+    p = sub.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions, /v1/models) and web chat at /",
+                       description="Serve one or more merged model or run directories like the OpenAI API: text and "
                                    "image_url parts (data URLs), streaming (SSE) or not; greedy by default, so "
                                    "answers equal `llava-kit chat --prompt`. Concurrent requests are queued and "
-                                   "batched. Ctrl-C stops it.")
-    p.add_argument("--model", required=True, help="a merged model directory or a run directory")
-    add_arguments(p, ServerSettings, SERVE_FIELDS)
+                                   "batched. The web chat is at / (--no-webui: the API alone). Ctrl-C stops it.")
+    p.add_argument("--model", required=True, action="append", metavar="[NAME=]DIR",
+                   help="a merged model directory or a run directory; repeat for several models, each named by its "
+                        "directory or NAME= (requests choose one by `model`)")
+    add_arguments(p, ServerSettings, SERVE_FIELDS, options={"webui": {
+        "flags": ("--no-webui",), "action": "store_false", "type": None, "choices": None,
+        "help": "serve the API alone, without the web chat at /"}})
     _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("webui", help="web chat in a browser: images, streamed answers, two models side by side",
+                       description="A Gradio chat page for one or more models: upload images, ask, read the "
+                                   "answer as it is generated; sampling controls, regenerate, clear, and a "
+                                   "side-by-side tab sending the same turn to two models. `llava-kit serve` "
+                                   "serves the same page at / next to the API.")
+    p.add_argument("--model", required=True, action="append", metavar="[NAME=]DIR",
+                   help="a merged model directory or a run directory; repeat for several (side by side)")
+    add_arguments(p, ServerSettings, WEBUI_FIELDS, options={"port": {"default": WEBUI_PORT}})
+    _add_trust_remote_code(p)
+    p.set_defaults(handler=cmd_webui)
 
     p = sub.add_parser("eval", help="score held-out questions through the chat code path",
                        description="Answer each question of an eval JSONL (`answer`, or a task's fields) and "

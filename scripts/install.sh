@@ -6,7 +6,8 @@
 # torch is installed first at the pinned version and held there by constraints.txt for every later
 # pip call (otherwise a dependency pulls the newest CUDA torch, several GB). Then torchvision is
 # checked and, on a CPU-only torch with a CUDA-only torchvision, patched so that it imports
-# (scripts/fix_torchvision.py explains why; it does nothing where torchvision works).
+# (scripts/fix_torchvision.py explains why; it does nothing where torchvision works). Last, the system's
+# chromium for the web chat's browser tests (scripts/install_browser.sh; skipped with a warning without apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
 echo "install: torch (pinned by constraints.txt)" >&2
 "${PIP[@]}" install -q -c constraints.txt torch
 echo "install: llava-kit with its dependencies" >&2
-"${PIP[@]}" install -q -c constraints.txt -e ".[dev,deepspeed]"
+"${PIP[@]}" install -q -c constraints.txt -e ".[dev,deepspeed,webui]"
 "$VENV/bin/python" scripts/fix_torchvision.py
+./scripts/install_browser.sh
 "$VENV/bin/python" -c "import llava_kit, transformers, peft, open_clip; print('install: ok, llava-kit', llava_kit.__version__)" >&2

@@ -110,8 +110,41 @@ def build_processor(model: LlavaModel, tokenizer, settings):
                           image_token=IMAGE_TOKEN, num_additional_image_tokens=1 if tower.has_cls else 0)
 
 
+def end_of_turn_token(tokenizer, template: str) -> str | None:
+    """The template's end-of-turn marker when it is a single token other than EOS (chatml's `<|im_end|>`), else
+    None (the turn ends with EOS itself, as in vicuna_v1 and plain, or with several tokens)."""
+    from llava_kit.inference.service import stop_token_ids
+
+    others = [i for i in stop_token_ids(tokenizer, template) if i != tokenizer.eos_token_id]
+    return tokenizer.convert_ids_to_tokens(others[0]) if len(others) == 1 else None
+
+
+def _end_turns_with_eos(tokenizer, settings) -> None:
+    """Make the template's end-of-turn token the tokenizer's EOS, so tools that stop at `tokenizer.eos_token_id`
+    (lmms-eval's llava_hf: `generate(eos_token_id=tokenizer.eos_token_id)`) stop where an answer ends instead of
+    running on into another turn. Left alone when the chat template itself refers to EOS and would change."""
+    token = end_of_turn_token(tokenizer, settings.template)
+    if token is None:
+        return
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    before = tokenizer.apply_chat_template(probe, tokenize=False)
+    eos = tokenizer.eos_token
+    tokenizer.eos_token = token
+    if tokenizer.apply_chat_template(probe, tokenize=False) != before:
+        tokenizer.eos_token = eos
+        logger.warning("the chat template uses the EOS token, so the export keeps EOS %r; tools that stop at "
+                       "tokenizer.eos_token_id will not stop at %r (generation_config.json lists both)", eos, token)
+
+
 def to_hf_llava(model: LlavaModel, tokenizer, settings, out_dir: str | Path) -> Path:
-    """Write `model` (LoRA already folded in) as a llava-hf directory with processor and generation config."""
+    """Write `model` (LoRA already folded in) as a llava-hf directory with processor and generation config.
+
+    The exported tokenizer's EOS is the template's end-of-turn token where that is one token (`<|im_end|>` for
+    chatml); generation_config.json's eos_token_id lists every stop token (EOS and end-of-turn), as
+    `llava-kit chat` stops. `tokenizer` itself is left as it was.
+    """
+    import copy
+
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from llava_kit.inference.service import stop_token_ids
@@ -150,7 +183,10 @@ def to_hf_llava(model: LlavaModel, tokenizer, settings, out_dir: str | Path) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
-    build_processor(model, tokenizer, settings).save_pretrained(out_dir)
+    tokenizer = copy.deepcopy(tokenizer)  # the export's EOS differs; the caller's tokenizer stays as it is
+    processor = build_processor(model, tokenizer, settings)  # the chat template first: it writes EOS literally
+    _end_turns_with_eos(tokenizer, settings)
+    processor.save_pretrained(out_dir)
     return out_dir
 
 

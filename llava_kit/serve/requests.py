@@ -1,4 +1,4 @@
-"""Turn an OpenAI chat-completions request body into llava-kit messages and pixel values, or a clear 400.
+"""Turn an OpenAI chat-completions request into llava-kit messages, images and sampling settings, or a clear 400.
 
 Content is a string or a list of parts: `{"type": "text", "text"}` and `{"type": "image_url", "image_url":
 {"url": "data:image/png;base64,..."}}`. A user message's images go first, each as `<image>\\n`, then its text
@@ -11,18 +11,18 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import re
 import urllib.request
 from dataclasses import dataclass
 
-import torch
+from PIL import Image
 
 from llava_kit.data.images import ImageLoadError, load_image
 from llava_kit.data.templates import IMAGE_TOKEN
-from llava_kit.errors import LlavaKitError, UsageError
+from llava_kit.errors import UsageError
 from llava_kit.inference.sampling import SamplingError, SamplingParams
-from llava_kit.inference.service import image_sizes
+from llava_kit.serve.protocol import ChatCompletionRequest, public_message
+from llava_kit.serve.settings import ServerSettings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(.*)", re.DOTALL)
@@ -37,56 +37,48 @@ class RequestError(UsageError):
 
 
 @dataclass
-class ChatRequest:
+class Conversation:
+    """What a request asks for, in llava-kit's terms."""
+
     messages: list[dict]
     """Canonical llava-kit messages (`<image>` tags in user content)."""
-    pixel_values: torch.Tensor | None
-    """[n_images, 3, H, W], preprocessed for the tower; None without images."""
-    n_images: int
+    images: list[Image.Image]
+    """RGB images in the order of the `<image>` tags."""
     params: SamplingParams
     stream: bool
-    image_sizes: list | None = None
-    """Each image's (height, width), for AnyRes models."""
+    include_usage: bool
+    """Streaming: end with a chunk that carries only `usage` (OpenAI's stream_options.include_usage)."""
 
 
-def parse_chat_request(body: bytes, service, settings) -> ChatRequest:
-    """Validate a request body; decode and preprocess its images. Raises RequestError saying what to fix."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(f"the request body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise RequestError("the request body must be a JSON object with `messages`")
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("`messages` must be a non-empty list of {role, content} objects", "messages")
-    if data.get("n", 1) != 1:
-        raise RequestError("only n=1 is supported", "n")
-    response_format = data.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise RequestError("response_format other than {\"type\": \"text\"} is not supported by llava-kit serve "
-                           "(no json_schema / json_object); ask for plain text", "response_format")
+def conversation_of(body: ChatCompletionRequest, settings: ServerSettings) -> Conversation:
+    """Check what pydantic cannot (turn order, parts, images, unsupported options); decode the images."""
+    _refuse_unsupported(body)
     images: list = []
-    canonical = [_message(m, i, images, settings) for i, m in enumerate(messages)]
-    _check_turns(canonical)
-    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
-    max_new_tokens = settings.max_new_tokens if max_tokens is None else max_tokens
-    if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
-        max_new_tokens = min(max_new_tokens, settings.max_new_tokens)
+    messages = [_message(m.role, m.content, i, images, settings) for i, m in enumerate(body.messages)]
+    check_turns(messages)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_new_tokens = settings.max_new_tokens if requested is None else min(requested, settings.max_new_tokens)
     try:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=_or(data.get("temperature"), 0.0),
-                                top_p=_or(data.get("top_p"), 1.0), seed=data.get("seed"),
-                                stop=_or(data.get("stop"), ()))
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=_or(body.temperature, 0.0),
+                                top_p=_or(body.top_p, 1.0), seed=body.seed, stop=_or(body.stop, ()))
     except SamplingError as err:
         raise RequestError(str(err), err.param) from None
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("`stream` must be true or false", "stream")
-    try:
-        pixel_values = service.preprocess(images)
-    except LlavaKitError as err:  # images sent to a text-only model
-        raise RequestError(str(err), "messages") from None
-    return ChatRequest(canonical, pixel_values, len(images), params, stream, image_sizes(images))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Conversation(messages, images, params, bool(body.stream), include_usage)
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """Options whose answer would silently differ from what the client asked for."""
+    if body.n not in (None, 1):
+        raise RequestError("only n=1 is supported", "n")
+    response_format = body.response_format
+    if response_format is not None and response_format.get("type") != "text":
+        raise RequestError("response_format other than {\"type\": \"text\"} is not supported by llava-kit serve "
+                           "(no json_schema / json_object); ask for plain text", "response_format")
+    if body.tools or body.functions:
+        raise RequestError("tools and functions are not supported by llava-kit serve", "tools")
+    if body.logprobs:
+        raise RequestError("logprobs are not supported by llava-kit serve", "logprobs")
 
 
 def _or(value, default):
@@ -94,7 +86,7 @@ def _or(value, default):
     return default if value is None else value
 
 
-def _check_turns(messages: list[dict]) -> None:
+def check_turns(messages: list[dict]) -> None:
     """After optional system messages: user, assistant, user, ..., ending with the user's question."""
     turns = [m["role"] for m in messages if m["role"] != "system"]
     for i, role in enumerate(turns):
@@ -106,13 +98,10 @@ def _check_turns(messages: list[dict]) -> None:
         raise RequestError("the last message must be the user's (the one to answer)", "messages")
 
 
-def _message(message, index: int, images: list, settings) -> dict:
+def _message(role: str, content, index: int, images: list, settings: ServerSettings) -> dict:
     """One OpenAI message -> {role, content}; appends its images to `images`."""
     where = f"messages[{index}]"
-    if not isinstance(message, dict) or message.get("role") not in ROLES:
-        raise RequestError(f"{where} must be an object with role system, user or assistant", where)
-    role = ROLES[message["role"]]
-    content = message.get("content")
+    role = ROLES[role]
     texts, n_images = [], 0
     if isinstance(content, str):
         texts.append(content)
@@ -132,10 +121,13 @@ def _message(message, index: int, images: list, settings) -> dict:
                 url = url.get("url") if isinstance(url, dict) else url
                 images.append(_image(url, part_where, settings))
                 n_images += 1
+            elif kind == "text":
+                raise RequestError(f"{part_where}: a text part needs a string `text`", part_where)
             else:
-                raise RequestError(f"{part_where}: unsupported part {kind!r}; use text or image_url parts", part_where)
+                shown = repr(kind) if isinstance(kind, str) and len(kind) < 40 else "without a known type"
+                raise RequestError(f"{part_where}: unsupported part {shown}; use text or image_url parts", part_where)
     else:
-        raise RequestError(f"{where}.content must be a string or a list of parts", where)
+        raise RequestError(f"{where}.content must be a string or a list of parts", f"{where}.content")
     text = "\n".join(texts)
     if IMAGE_TOKEN in text:
         raise RequestError(f"{where}: the text contains {IMAGE_TOKEN!r}, which is reserved for images; send images "
@@ -143,7 +135,7 @@ def _message(message, index: int, images: list, settings) -> dict:
     return {"role": role, "content": f"{IMAGE_TOKEN}\n" * n_images + text}
 
 
-def _image(url, where: str, settings):
+def _image(url, where: str, settings: ServerSettings) -> Image.Image:
     """A PIL image from a data URL (or, when allowed, an http(s) URL)."""
     if not isinstance(url, str):
         raise RequestError(f"{where}: image_url.url must be a string", where)
@@ -166,15 +158,20 @@ def _image(url, where: str, settings):
     try:
         return load_image(io.BytesIO(raw))
     except ImageLoadError as err:
+        if "object at 0x" in str(err):  # PIL names the source by its repr: say what it means instead
+            raise RequestError(f"{where}: cannot read image: the data is not an image (PNG, JPEG, WebP, GIF, ...)",
+                               where) from None
         raise RequestError(f"{where}: {err}", where) from None
+    except Exception:  # noqa: BLE001 (untrusted bytes: a decoder's own bug must not become a 500)
+        raise RequestError(f"{where}: cannot read image: the data is not an image PIL can decode", where) from None
 
 
 def _fetch(url: str, where: str, limit: int) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (opted in with --allow-remote-images)
             raw = response.read(limit + 1)
-    except OSError as err:
-        raise RequestError(f"{where}: cannot fetch {url}: {err}", where) from None
+    except (OSError, ValueError) as err:
+        raise RequestError(f"{where}: cannot fetch {url}: {public_message(str(err))}", where) from None
     if len(raw) > limit:
         raise RequestError(f"{where}: the image at {url} is over {limit} bytes", where)
     return raw

@@ -1,6 +1,7 @@
-"""An OpenAI-compatible HTTP server for a llava-kit model, on the standard library only.
+"""`llava-kit serve`: load the models, start their workers, and run the app under uvicorn.
 
     llava-kit serve --model runs/demo/merged --port 8000 [--api-key KEY]
+    llava-kit serve --model linear=runs/linear/merged --model mlp=runs/mlp/merged     # several models, by name
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -8,228 +9,185 @@
         {"type": "text", "text": "What shape is in the image?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}])
 
-Endpoints: `POST /v1/chat/completions` (streaming over SSE with `"stream": true`), `GET /v1/models`.
-Requests are handled by one thread each (ThreadingHTTPServer); they queue for a single model worker thread,
-which runs greedy non-streaming requests that wait together as one left-padded batch (same answers as one at a
-time) and streaming or sampling requests one by one. Images come as `data:` URLs; remote `http(s)` URLs are
-refused unless `allow_remote_images` is set. The default temperature is 0 (greedy), so answers equal
-`llava-kit chat --prompt`'s.
+The routes are in app.py, the OpenAI request models in protocol.py, the model workers in worker.py. This module
+wires them: one worker per model, one FastAPI app, uvicorn on a socket bound here (so a taken port is a one-line
+error). uvicorn closes idle kept-alive connections itself; `_HeaderDeadline` also closes connections that do
+not complete a request's headers within `request_timeout` (uvicorn would hold them open for ever).
+`start_server` runs the same in a background thread, for tests and notebooks.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Mapping
+
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llava_kit.errors import UsageError
 from llava_kit.inference.service import GenerationService
-from llava_kit.serve.requests import RequestError, parse_chat_request
+from llava_kit.serve.app import create_app
 from llava_kit.serve.settings import ServerSettings
-from llava_kit.serve.worker import Job, ModelWorker
+from llava_kit.serve.worker import ModelWorker
+
+__all__ = ["RunningServer", "ServerSettings", "create_app", "make_workers", "serve", "start_server"]
 
 logger = logging.getLogger(__name__)
 
-
-def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> dict:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+KEEP_ALIVE_S = 5  # idle kept-alive connections close after this (uvicorn's default)
+GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish when the server stops; then they are cancelled
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "llava-kit"
-    protocol_version = "HTTP/1.1"
+def make_workers(services: Mapping[str, GenerationService], settings: ServerSettings) -> dict[str, ModelWorker]:
+    """One started worker per model (name -> worker)."""
+    return {name: ModelWorker(name, service, settings.max_batch_size, settings.max_queue,
+                              settings.max_prompt_tokens).start()
+            for name, service in services.items()}
 
-    # ------------------------------------------------------------------ plumbing
+
+def load_services(models: list[tuple[str, str]], trust_remote_code: bool = False) -> dict[str, GenerationService]:
+    """(name, model directory) pairs -> name -> generation service, through the one loader."""
+    from llava_kit.loader import open_model_dir
+
+    services = {}
+    for name, model_dir in models:
+        logger.info("loading %s as %r", model_dir, name)
+        services[name] = GenerationService.from_loaded(open_model_dir(model_dir, trust_remote_code=trust_remote_code))
+    return services
+
+
+# ---------------------------------------------------------------------------------------------- uvicorn
+
+def _header_deadline(timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose next request's headers are not complete within
+    `timeout` seconds of it opening or of the previous response (uvicorn itself never closes a connection that
+    sends nothing, or a byte now and then: each held connection costs the server a descriptor)."""
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(timeout, self._headers_late, None)
+
+        def on_response_complete(self) -> None:
+            completed = self.cycle  # before super(): it may start a pipelined request's cycle
+            self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout, self._headers_late, completed)
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _headers_late(self, previous_cycle) -> None:
+            waiting_for_headers = self.cycle is previous_cycle  # no request has started since the timer began
+            if waiting_for_headers and self.transport.get_protocol() is self and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
+
+
+def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str) -> uvicorn.Server:
+    config = uvicorn.Config(app, http=_header_deadline(settings.request_timeout), timeout_keep_alive=KEEP_ALIVE_S,
+                            limit_concurrency=settings.max_connections, backlog=2048,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_config=None, log_level=log_level)
+    return uvicorn.Server(config)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one); UsageError when that address cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port or "
+                         "--host") from None
+    return sock
+
+
+class RunningServer:
+    """The app under uvicorn in a background thread: `.url` (ends in /v1), `.shutdown()`."""
+
+    def __init__(self, app: FastAPI, workers: dict[str, ModelWorker], settings: ServerSettings, host: str, port: int):
+        self.app, self.workers, self.settings = app, workers, settings
+        sock = _listen(host, port)
+        self.server_address = sock.getsockname()[:2]
+        self._server = _uvicorn_server(app, settings, log_level="warning")
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="llava-kit-http",
+                                        daemon=True)
+        self._thread.start()
+        while not self._server.started:  # the socket is bound already: connections wait in its backlog meanwhile
+            if not self._thread.is_alive():
+                raise RuntimeError("the server thread stopped while starting; see its log")
+            time.sleep(0.01)
+
     @property
-    def settings(self) -> ServerSettings:
-        return self.server.settings
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
-        logger.info("%s %s", self.address_string(), format % args)
-
-    def _send_json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, status: int, message: str, kind: str = "invalid_request_error",
-                    code: str | None = None) -> None:
-        self._send_json(status, error_body(message, kind, code))
-
-    def _authorised(self, body_pending: bool = False) -> bool:
-        """True when no key is set or the request carries it; otherwise answers 401 and returns False."""
-        key = self.settings.api_key
-        if not key:
-            return True
-        header = self.headers.get("Authorization", "")
-        if header == f"Bearer {key}":
-            return True
-        if body_pending:
-            self.close_connection = True  # the unread body would otherwise be parsed as the next request
-        self._send_error(401, "Incorrect API key provided: pass the server's --api-key as the client's api_key "
-                              "(Authorization: Bearer KEY)", code="invalid_api_key")
-        return False
-
-    def _read_body(self) -> bytes | None:
-        """The request body, or None after answering 411/413 (the body is then left unread)."""
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            self._send_error(411, "a Content-Length header is required")
-            return None
-        if int(length) > self.settings.max_body_bytes:
-            self.close_connection = True  # the unread body would otherwise be parsed as the next request
-            self._send_error(413, f"request body of {int(length)} bytes is over this server's limit of "
-                                  f"{self.settings.max_body_bytes} bytes (--max-body-mb); send smaller images")
-            return None
-        return self.rfile.read(int(length))
-
-    # ------------------------------------------------------------------ routes
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if not self._authorised():
-            return
-        if self.path.rstrip("/") == "/v1/models":
-            model = {"id": self.settings.model_name, "object": "model", "created": self.settings.created,
-                     "owned_by": "llava-kit"}
-            self._send_json(200, {"object": "list", "data": [model]})
-        elif self.path == "/health":
-            self._send_json(200, {"status": "ok"})
-        else:
-            self._send_error(404, f"no route GET {self.path}; try GET /v1/models or POST /v1/chat/completions",
-                             code="not_found")
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self.close_connection = True
-            self._send_error(404, f"no route POST {self.path}; this server has POST /v1/chat/completions",
-                             code="not_found")
-            return
-        if not self._authorised(body_pending=True):
-            return
-        body = self._read_body()
-        if body is None:
-            return
-        try:
-            request = parse_chat_request(body, self.server.worker.service, self.settings)
-        except RequestError as err:
-            self._send_json(400, error_body(str(err), param=err.param))
-            return
-        job = Job(request)
-        self.server.worker.submit(job)
-        if request.stream:
-            self._stream(job)
-        else:
-            self._complete(job)
-
-    # ------------------------------------------------------------------ answers
-    def _envelope(self, job: Job, kind: str) -> dict:
-        return {"id": job.id, "object": kind, "created": job.created, "model": self.settings.model_name}
-
-    def _complete(self, job: Job) -> None:
-        job.done.wait()
-        if job.error is not None:
-            self._send_error(job.error_status, job.error, kind="server_error" if job.error_status >= 500 else
-                             "invalid_request_error")
-            return
-        body = {**self._envelope(job, "chat.completion"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
-                             "finish_reason": job.finish_reason}],
-                "usage": job.usage()}
-        self._send_json(200, body)
-
-    def _stream(self, job: Job) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        envelope = self._envelope(job, "chat.completion.chunk")
-
-        def send(delta: dict, finish_reason: str | None = None, **extra) -> None:
-            chunk = {**envelope, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.flush()
-
-        try:
-            send({"role": "assistant", "content": ""})
-            while True:
-                piece = job.pieces.get()
-                if piece is None:
-                    break
-                send({"content": piece})
-            if job.error is not None:
-                error = error_body(job.error, "server_error" if job.error_status >= 500 else "invalid_request_error")
-                self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())
-            else:
-                send({}, job.finish_reason, usage=job.usage())
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            logger.info("client of %s disconnected during the stream", job.id)
-
-
-class LlavaServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer holding the settings and the model worker."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], worker: ModelWorker, settings: ServerSettings):
-        super().__init__(address, _Handler)
-        self.worker = worker
-        self.settings = settings
+    def worker(self) -> ModelWorker:
+        """The first (with one model, the only) model's worker."""
+        return next(iter(self.workers.values()))
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.server_address
         return f"http://{host}:{port}/v1"
 
+    def shutdown(self) -> None:
+        """Stop serving (in-flight requests get GRACEFUL_SHUTDOWN_S), then stop the workers; idempotent."""
+        self._server.should_exit = True
+        self._thread.join()
+        for worker in self.workers.values():
+            worker.stop()
 
-def start_server(service: GenerationService, settings: ServerSettings, host: str | None = None,
-                 port: int | None = None) -> LlavaServer:
-    """Start the model worker and an HTTP server in background threads; returns the server.
 
-    It listens on `host` and `port`, by default the settings'; `port=0` picks a free port (`server.url` says
-    which). Stop with `server.shutdown(); server.worker.stop()`.
+def start_server(services: GenerationService | Mapping[str, GenerationService], settings: ServerSettings,
+                 host: str | None = None, port: int | None = None,
+                 setup: Callable[[FastAPI], None] | None = None) -> RunningServer:
+    """Start workers and the app in background threads; returns the running server.
+
+    `services` is one generation service (named by `settings.model_name`, else "model") or name -> service. It
+    listens on `host` and `port`, by default the settings'; `port=0` picks a free port (`server.url` says which).
+    `setup(app)` runs before serving (e.g. `llava_kit.webui.mount_webui`). Stop with `server.shutdown()`.
     """
+    if isinstance(services, GenerationService):
+        services = {settings.model_name or "model": services}
     host = settings.host if host is None else host
     port = settings.port if port is None else port
-    worker = ModelWorker(service, settings.max_batch_size)
+    workers = make_workers(services, settings)
     try:
-        server = LlavaServer((host, port), worker, settings)
-    except OSError as err:
-        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port or "
-                         "--host") from None
-    worker.start()
-    threading.Thread(target=server.serve_forever, name="llava-kit-http", daemon=True).start()
-    return server
+        app = create_app(workers, settings)
+        if setup is not None:
+            setup(app)
+        return RunningServer(app, workers, settings, host, port)
+    except BaseException:
+        for worker in workers.values():
+            worker.stop()
+        raise
 
 
-def serve(model_dir: str, settings: ServerSettings | None = None, trust_remote_code: bool = False) -> None:
-    """Load `model_dir` and serve it until interrupted at the settings' host and port (`llava-kit serve`)."""
-    from pathlib import Path
+def serve(models: list[tuple[str, str]], settings: ServerSettings, trust_remote_code: bool = False,
+          setup: Callable[[FastAPI], None] | None = None, openai_api: bool = True) -> None:
+    """Load the (name, directory) models and serve them at the settings' host and port until interrupted.
 
-    from llava_kit.loader import open_model_dir
-
-    service = GenerationService.from_loaded(open_model_dir(model_dir, trust_remote_code=trust_remote_code))
-    settings = settings or ServerSettings()
-    if not settings.model_name:
-        settings = settings.model_copy(update={"model_name": Path(model_dir).resolve().name})
-    server = start_server(service, settings)
-    logger.info("serving %s as %r at %s (POST /chat/completions, GET /models)%s", model_dir, settings.model_name,
-                server.url, "; API key required" if settings.api_key else "")
+    `setup(app)` adds to the app before it serves (the web chat); `openai_api=False` serves only what setup adds
+    and /health (`llava-kit webui`).
+    """
+    sock = _listen(settings.host, settings.port)  # before loading: a taken port fails fast
+    workers = make_workers(load_services(models, trust_remote_code), settings)
     try:
-        while True:
-            time.sleep(3600)
+        app = create_app(workers, settings, openai_api=openai_api)
+        if setup is not None:
+            setup(app)
+        host, port = sock.getsockname()[:2]
+        logger.info("serving %s at http://%s:%d%s%s", ", ".join(workers), host, port,
+                    " (POST /v1/chat/completions, GET /v1/models)" if openai_api else "",
+                    "; API key required" if settings.api_key and openai_api else "")
+        _uvicorn_server(app, settings, log_level="info").run(sockets=[sock])
     finally:
-        server.shutdown()
-        server.worker.stop()
+        for worker in workers.values():
+            worker.stop()

@@ -1,119 +1,278 @@
-"""The model worker: one thread owns the model; HTTP threads hand it jobs through a queue.
+"""The model worker: one thread owns each model; requests reach it through a bounded queue.
 
-Greedy non-streaming jobs waiting together are generated as one batch by the generation service (every row's
-answer is what it would be alone). Streaming and sampling jobs run one at a time.
+    worker = ModelWorker("shapes", service, max_batch_size=8, max_queue=128).start()
+    request = worker.prepare(messages, images, params, stream=True)   # the prompt, encoded (a LlavaKitError: 400)
+    job = worker.submit(request)            # inside an event loop; QueueFull (429) or WorkerStopped (503)
+    async for piece in job.stream(): ...    # or: completion = await job.result()
+    job.cancel()                            # the client went away: generation stops within a token
+
+Greedy non-streaming jobs that wait together are generated as one batch by the generation service (every row's
+answer is what it would be alone); streaming and sampled jobs run one at a time. A job cancelled while it waits
+is dropped without generating; one cancelled while generating stops after the current token (the service checks
+`cancelled()` after every token), and a batch ends when all its jobs have stopped.
+
+The worker is a thread, not a coroutine: generation holds the processor for seconds and torch releases the GIL
+while it computes, so the event loop keeps serving other connections meanwhile. What the worker produces goes
+back to the job's event loop with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
-import queue
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from llava_kit.errors import LlavaKitError
-from llava_kit.inference.service import Completion, GenerationRequest, GenerationService, Prompt
+from llava_kit.inference.sampling import SamplingParams
+from llava_kit.inference.service import (
+    Completion,
+    GenerationRequest,
+    GenerationService,
+    Prompt,
+    PromptTooLongError,
+    image_sizes,
+)
+from llava_kit.serve.requests import RequestError
 
 logger = logging.getLogger(__name__)
 
 
-class Job:
-    """One request on its way through the worker; the HTTP thread waits on `done` or reads `pieces`."""
+class QueueFull(Exception):
+    """The model's queue is full; the client should retry later (HTTP 429 with Retry-After)."""
 
-    def __init__(self, request):
+
+class WorkerStopped(Exception):
+    """The model worker has stopped (the server is shutting down; HTTP 503)."""
+
+
+class JobFailed(Exception):
+    """A job that ended without an answer; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ChatRequest:
+    """A conversation encoded for one model, with how to answer it."""
+
+    prompt: Prompt
+    params: SamplingParams
+    stream: bool = False
+
+
+class Job:
+    """One request on its way through a worker. The event loop's side reads `stream()` / `result()` and may
+    `cancel()`; the worker's side (its thread) posts text, the completion or a failure."""
+
+    def __init__(self, request: ChatRequest, model: str, loop: asyncio.AbstractEventLoop):
         self.request = request
+        self.model = model
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.pieces: queue.Queue = queue.Queue()  # streamed text; None ends it
-        self.done = threading.Event()
         self.completion: Completion | None = None
-        self.error: str | None = None
-        self.error_status = 500
+        """Set when the job is done (before `stream()` ends)."""
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()  # ("text", str) ... then ("done", None) or ("failed", JobFailed)
+        self._cancelled = threading.Event()
+
+    # ------------------------------------------------------------------ the client's side (its event loop)
+    def cancel(self) -> None:
+        """Stop generating this answer (any thread); a no-op once it is done."""
+        self._cancelled.set()
 
     @property
-    def text(self) -> str:
-        return self.completion.text if self.completion else ""
+    def cancelled(self) -> bool:
+        """Whether the job was cancelled (its client went away, or the server is stopping)."""
+        return self._cancelled.is_set()
 
-    @property
-    def finish_reason(self) -> str:
-        return self.completion.finish_reason if self.completion else "stop"
+    async def stream(self) -> AsyncIterator[str]:
+        """The answer's text in pieces as it is generated; JobFailed when it ends without an answer."""
+        while True:
+            kind, value = await self._events.get()
+            if kind == "text":
+                yield value
+            elif kind == "done":
+                return
+            else:
+                raise value
 
-    def usage(self) -> dict:
-        c = self.completion
-        prompt, completion = (c.prompt_tokens, c.completion_tokens) if c else (0, 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    async def result(self) -> Completion:
+        """The whole answer, once generated; JobFailed when it ends without one."""
+        async for _ in self.stream():
+            pass
+        return self.completion
 
-    def fail(self, message: str, status: int) -> None:
-        self.error, self.error_status = message, status
-        self.finish()
+    # ------------------------------------------------------------------ the worker's side (its thread)
+    def _post(self, kind: str, value=None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop has closed: nobody waits for this answer any more
+            self._cancelled.set()
 
-    def finish(self) -> None:
-        self.pieces.put(None)
-        self.done.set()
+    def _text(self, piece: str) -> None:
+        self._post("text", piece)
+
+    def _finish(self, completion: Completion) -> None:
+        self.completion = completion
+        self._post("done")
+
+    def _fail(self, status: int, message: str) -> None:
+        self._post("failed", JobFailed(status, message))
 
 
-class ModelWorker(threading.Thread):
-    """Takes jobs from a queue and generates their answers with the generation service."""
+class ModelWorker:
+    """Takes jobs from a bounded queue and generates their answers with one model's generation service."""
 
-    def __init__(self, service: GenerationService, max_batch_size: int = 8):
-        super().__init__(name="llava-kit-model", daemon=True)
+    def __init__(self, name: str, service: GenerationService, max_batch_size: int = 8, max_queue: int = 128,
+                 max_prompt_tokens: int | None = None):
+        self.name = name
         self.service = service
         self.max_batch_size = max_batch_size
-        self.jobs: queue.Queue = queue.Queue()
-        self.batch_sizes: list[int] = []  # for logs and tests
+        self.max_queue = max_queue
+        self.max_prompt_tokens = max_prompt_tokens
+        self.batch_sizes: list[int] = []
+        """Jobs per generation call, for logs and tests (the latest 10,000)."""
+        self.finish_reasons: collections.Counter[str] = collections.Counter()
+        """How the jobs ended: stop, length, cancelled (for logs and tests)."""
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._stopping = False
+        self._condition = threading.Condition()
+        self._encode_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"llava-kit-model-{name}", daemon=True)
 
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+    @property
+    def supports_images(self) -> bool:
+        """Whether the model reads images (a multimodal model) or text only."""
+        return self.service.supports_images
 
-    def stop(self) -> None:
-        self.jobs.put(None)
+    @property
+    def running(self) -> int:
+        """Jobs being generated now."""
+        return len(self._running)
 
-    def run(self) -> None:
-        waiting: list[Job] = []
-        while True:
-            job = waiting.pop(0) if waiting else self.jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            if _batchable(job):
-                while len(batch) < self.max_batch_size:  # everything queued meanwhile joins, if it can
-                    try:
-                        other = self.jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if other is None:
-                        waiting.append(None)
-                        break
-                    (batch if _batchable(other) else waiting).append(other)
-            self._run_batch(batch)
+    @property
+    def waiting(self) -> int:
+        """Jobs in the queue."""
+        return len(self._waiting)
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        ready, requests = [], []
-        for job in batch:
-            try:
-                request = job.request
-                prompt = Prompt(self.service.encode(request.messages, request.n_images, request.image_sizes),
-                                request.pixel_values, request.image_sizes)
-            except LlavaKitError as err:  # a prompt over the model's positions, an image for a text model
-                job.fail(str(err), 400)
-                continue
-            ready.append(job)
-            requests.append(GenerationRequest(prompt, job.request.params, _streamer(job) if job.request.stream
-                                              else None))
-        if not ready:
-            return
-        self.batch_sizes.append(len(ready))
+    def start(self) -> ModelWorker:
+        """Start the worker thread; returns the worker."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Take no more jobs, cancel the running ones, answer the waiting ones 503; idempotent."""
+        with self._condition:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            for job in self._running:
+                job.cancel()
+            self._condition.notify_all()
+        for job in waiting:
+            job._fail(503, "the server is shutting down")
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, messages: list[dict], images: list, params: SamplingParams, stream: bool = False) -> ChatRequest:
+        """Preprocess the images and encode the prompt, in the caller's thread (so neither holds up generation).
+
+        RequestError or PromptTooLongError (both LlavaKitErrors: the client's to fix) when this model cannot take
+        the conversation.
+        """
+        if images and not self.supports_images:
+            raise RequestError(f"model {self.name!r} reads text only; send the conversation without images",
+                               "messages")
+        pixel_values = self.service.preprocess(images)
+        sizes = image_sizes(images)  # an AnyRes model counts each image's tokens from its size
+        with self._encode_lock:  # one tokenizer, shared by every request's thread
+            input_ids = self.service.encode(messages, len(images), sizes)
+        if self.max_prompt_tokens is not None and len(input_ids) > self.max_prompt_tokens:
+            raise PromptTooLongError(f"the prompt is {len(input_ids)} tokens (images included), over this server's "
+                                     f"limit of {self.max_prompt_tokens} (--max-prompt-tokens); send fewer images or "
+                                     "less text")
+        return ChatRequest(Prompt(input_ids, pixel_values, sizes), params, stream)
+
+    def submit(self, request: ChatRequest) -> Job:
+        """Queue a request; call it from the event loop that will read the job. QueueFull / WorkerStopped when
+        it cannot wait."""
+        job = Job(request, self.name, asyncio.get_running_loop())
+        with self._condition:
+            if self._stopping:
+                raise WorkerStopped(f"model {self.name!r} is not serving any more (the server is shutting down)")
+            if len(self._waiting) >= self.max_queue:  # jobs whose clients left do not hold places
+                for cancelled in [j for j in self._waiting if j.cancelled]:
+                    self._waiting.remove(cancelled)
+                    self._drop(cancelled)
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting for model {self.name!r}, this "
+                                f"server's limit (--max-queue); retry later")
+            self._waiting.append(job)
+            self._condition.notify()
+        return job
+
+    # ------------------------------------------------------------------ the worker thread
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._generate(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        """The next job, and with a greedy non-streaming one every such job waiting (up to max_batch_size).
+        Jobs cancelled while they waited are answered without generating. None when the worker stops."""
+        with self._condition:
+            while True:
+                while not self._waiting and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return None
+                first = self._waiting.popleft()
+                if not first.cancelled:
+                    break
+                self._drop(first)
+            batch, kept = [first], collections.deque()
+            while _batchable(first) and self._waiting:
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    self._drop(job)
+                elif _batchable(job) and len(batch) < self.max_batch_size:
+                    batch.append(job)
+                else:
+                    kept.append(job)  # waits on, in its place
+            self._waiting = kept + self._waiting
+            self._running = batch
+            return batch
+
+    def _drop(self, job: Job) -> None:
+        self.finish_reasons["cancelled"] += 1
+        job._finish(Completion("", "cancelled", len(job.request.prompt.input_ids), 0))
+
+    def _generate(self, batch: list[Job]) -> None:
+        requests = [GenerationRequest(job.request.prompt, job.request.params,
+                                      _streamer(job) if job.request.stream else None, job._cancelled.is_set)
+                    for job in batch]
+        self.batch_sizes.append(len(batch))
+        if len(self.batch_sizes) > 10_000:
+            del self.batch_sizes[:5_000]
         try:
             completions = self.service.generate(requests)
-        except Exception as err:  # noqa: BLE001 (the server must keep serving; the client gets a 500)
+        except Exception as err:  # noqa: BLE001 (the server must keep serving; these clients get a 500)
             logger.exception("generation failed")
-            for job in ready:
-                job.fail(f"generation failed: {type(err).__name__}", 500)
+            for job in batch:
+                job._fail(500, f"generation failed: {type(err).__name__}")
             return
-        for job, completion in zip(ready, completions, strict=True):
-            job.completion = completion
-            job.finish()
+        finally:
+            with self._condition:
+                self._running = []
+        for job, completion in zip(batch, completions, strict=True):
+            self.finish_reasons[completion.finish_reason] += 1
+            job._finish(completion)
 
 
 def _batchable(job: Job) -> bool:
@@ -121,14 +280,15 @@ def _batchable(job: Job) -> bool:
 
 
 def _streamer(job: Job):
-    """Streamed pieces into the job's queue; the final answer is stripped, so the stream's start is too."""
-    started = [False]
+    """Streamed pieces to the job; the final answer is stripped, so the stream's start is too."""
+    started = False
 
     def on_text(piece: str) -> None:
-        if not started[0]:
+        nonlocal started
+        if not started:
             piece = piece.lstrip()
-            started[0] = bool(piece)
+            started = bool(piece)
         if piece:
-            job.pieces.put(piece)
+            job._text(piece)
 
     return on_text

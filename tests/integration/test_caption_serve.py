@@ -1,7 +1,8 @@
 """`llava-kit caption` against `llava-kit serve`: the demo's shapes model captions fresh images (slow: trains it),
 and answers concurrent and streamed requests exactly as `llava-kit chat --prompt` does.
 
-Set LLAVA_KIT_DEMO_MODEL=DIR (a demo's WORKDIR/merged) to reuse a trained model instead of training one.
+Set LLAVA_KIT_DEMO_MODEL=DIR (a demo's WORKDIR/merged) to reuse a trained model instead of training one (the
+`demo_model` fixture, tests/integration/conftest.py).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,18 +54,6 @@ def caption_fresh_shapes(model_dir: Path, workdir: Path, n: int = 48, seed: int 
               for kind in ("shape", "color", "describe")}
     return {"exit_code": code, "captioned": len(records), "n": n, "accuracy": scores,
             "batches": server.worker.batch_sizes, "examples": list(captions.items())[:4]}
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory) -> Path:
-    """LLAVA_KIT_DEMO_MODEL, or a freshly trained demo's merged model (~5-15 min on 2 cores)."""
-    if os.environ.get("LLAVA_KIT_DEMO_MODEL"):
-        return Path(os.environ["LLAVA_KIT_DEMO_MODEL"])
-    workdir = tmp_path_factory.mktemp("demo")
-    result = subprocess.run([sys.executable, "-m", "llava_kit.cli", "demo", "--workdir", str(workdir)],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir / "merged"
 
 
 @pytest.mark.slow
