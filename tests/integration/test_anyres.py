@@ -140,6 +140,28 @@ def _wide_image(width=240, height=80):
     return image
 
 
+def served_answer(service, image_path: Path, question: str) -> str:
+    """The answer of `llava-kit serve` (an OpenAI request over 127.0.0.1, the image as a data URL)."""
+    import base64
+    import http.client
+
+    from llava_kit.serve.server import ServerSettings, start_server
+
+    server = start_server(service, ServerSettings(model_name="anyres", max_new_tokens=6), port=0)
+    try:
+        url = "data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()
+        body = {"model": "anyres", "max_tokens": 6, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]}
+        connection = http.client.HTTPConnection(*server.server_address, timeout=300)
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = json.loads(response.read())
+        assert response.status == 200, data
+        return data["choices"][0]["message"]["content"]
+    finally:
+        server.shutdown()
+
+
 def test_an_anyres_run_trains_merges_and_chats(make_config, tmp_path):
     from llava_kit.export.merge import merge_run
     from llava_kit.inference import ChatSession, GenerationService, SamplingParams
@@ -168,6 +190,8 @@ def test_an_anyres_run_trains_merges_and_chats(make_config, tmp_path):
         answers.append(service.answer(question, [image], SamplingParams(max_new_tokens=6)).text)
     assert answers[0] == answers[1]
     image.save(tmp_path / "wide.png")
+    assert served_answer(GenerationService.from_loaded(open_model_dir(merged)), tmp_path / "wide.png",
+                         "What shape is in the image?") == answers[1]
     session = ChatSession.from_loaded(open_model_dir(merged), SamplingParams(max_new_tokens=6))
     session.set_image(str(tmp_path / "wide.png"))
     assert session.ask("What shape is in the image?") == answers[1]
