@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "template) load OUT_DIR without llava-kit. Projectors the format cannot express "
                                    "are refused with the reason.")
     p.add_argument("model_dir", help="a merged model directory or a run directory")
-    p.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format (default hf-llava)")
+    p.add_argument("--format", default="hf-llava", choices=["hf-llava", "hf-llava-next"],
+                   help="output format (default hf-llava; hf-llava-next for AnyRes models: LlavaNextForConditionalGeneration)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_export)
