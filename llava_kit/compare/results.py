@@ -24,3 +24,10 @@ class ProjectorResult:
     """Held-out accuracy, all questions."""
     accuracy_by_kind: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
+    strategy: str = ""
+    """The image strategy's name in the comparison's `strategies` (empty: the recipe's own)."""
+
+    @property
+    def label(self) -> str:
+        """The projector, with its strategy when there is one."""
+        return f"{self.projector} ({self.strategy})" if self.strategy else self.projector

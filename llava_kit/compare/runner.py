@@ -4,11 +4,12 @@
     llava-kit compare-projectors configs/tiny/compare_projectors.yaml --projectors linear,mlp2x_gelu,resampler
 
 A comparison config (YAML) has the keys of `CompareConfig` below: output_dir, projectors, projector_options,
-shapes, pretrain, sft, eval. Everything is checked when it is loaded, the two stages' run-config keys too (their
+strategies, shapes, pretrain, sft, eval. Everything is checked when it is loaded, the two stages' run-config keys too (their
 cross-field checks run once each projector's config is complete), with every problem reported together.
 
 Per projector it writes OUTPUT_DIR/runs/NAME/{pretrain,sft} and measures: parameters, visual tokens, sft step time,
-training memory, final sft loss and held-out accuracy. `llava_kit.compare.report` writes the table (markdown and
+training memory, final sft loss and held-out accuracy. With `strategies` (e.g. fixed and anyres) every projector runs
+once per image strategy (OUTPUT_DIR/runs/STRATEGY/NAME/...), and the visual tokens are the mean per held-out image. `llava_kit.compare.report` writes the table (markdown and
 CSV) and the plot (PNG) at the report path.
 """
 
@@ -120,6 +121,10 @@ class CompareConfig(Schema):
     """The default list of projectors (`--projectors a,b,c` replaces it); none: every design `projectors` lists."""
     projector_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """{name: {option: value}}: options of a projector (e.g. resampler num_queries)."""
+    strategies: dict[str, dict[str, Any]] | None = None
+    """{name: run-config keys applied to both stages}: every projector runs once per image strategy, e.g. {fixed: {},
+    anyres: {model: {vision: {image_strategy: anyres, grid_pinpoints: anyres_max_3}}, data: {max_seq_len: 1024}}};
+    none: once, as the recipe says."""
     shapes: dict[str, Any] | None = None
     """DemoRecipe fields (llava_kit/demo/pipeline.py): prepare the synthetic shapes task (data, a tiny tower with its
     warm-up, a text-pretrained tiny LLM) once under OUTPUT_DIR/prepared, reused while the recipe is unchanged; model
@@ -160,6 +165,10 @@ def load_compare_config(path: str | Path) -> CompareConfig:
         for stage in ("pretrain", "sft"):
             if isinstance(data.get(stage), dict):
                 problems += check_data(RunConfig, data[stage], prefix=stage)[1]
+        strategies = data.get("strategies")
+        for name, overrides in strategies.items() if isinstance(strategies, dict) else []:
+            if isinstance(overrides, dict):
+                problems += check_data(RunConfig, overrides, prefix=f"strategies.{name}")[1]
         if isinstance(data.get("shapes"), dict):
             problems += _shapes_problems(data["shapes"])
         if not data.get("output_dir"):
@@ -221,11 +230,12 @@ def projector_run_configs(pretrain: dict, sft: dict, name: str, options: dict, r
 
 
 def check_projectors(names: list[str], options: dict, cfg) -> None:
-    """Build every projector (on the meta device: no memory) for the tower and LLM of `cfg`; ProjectorError if one
-    cannot take them."""
+    """Build every projector (on the meta device: no memory) for the tower and LLM of `cfg`, with its image strategy;
+    ProjectorError (or AnyResError) if one cannot take them."""
     import torch
     from transformers import AutoConfig
 
+    from llava_kit.model.build import anyres_settings
     from llava_kit.model.projectors import build_projector
     from llava_kit.model.sources import resolve_model_path
     from llava_kit.model.vision import build_vision_tower
@@ -237,7 +247,9 @@ def check_projectors(names: list[str], options: dict, cfg) -> None:
     llm_width = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.name_or_path)).get_text_config().hidden_size
     for name in names:
         with torch.device("meta"):
-            build_projector(name, tower.width, llm_width, tower.grid, has_cls=has_cls, **options.get(name, {}))
+            projector = build_projector(name, tower.width, llm_width, tower.grid, has_cls=has_cls,
+                                        **options.get(name, {}))
+        anyres_settings(v, tower, projector)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -287,8 +299,27 @@ def _sft_metrics(run_dir: Path, max_steps: int) -> tuple[float, float]:
     return runtime / max(max_steps, 1), losses[-1] if losses else float("nan")
 
 
+def with_strategy(stage: dict, overrides: dict) -> dict:
+    """A stage's run-config dict with an image strategy's keys merged in."""
+    return deep_merge(stage, overrides) if overrides else stage
+
+
+def tokens_per_held_out_image(model, evaluation: EvalSettings) -> int:
+    """Visual tokens per image: the projector's count, or (AnyRes) the mean over the held-out images' sizes."""
+    if getattr(model, "anyres", None) is None:
+        return model.tokens_per_image
+    from PIL import Image
+
+    paths = sorted({r["image"] for r in held_out_records(evaluation)})
+    sizes = []
+    for path in paths:
+        with Image.open(Path(evaluation.image_root) / path) as image:
+            sizes.append((image.height, image.width))
+    return round(sum(model.image_token_counts([size])[0] for size in sizes) / max(len(sizes), 1))
+
+
 def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: EvalSettings,
-            runs_dir: Path) -> ProjectorResult:
+            runs_dir: Path, strategy: str = "") -> ProjectorResult:
     """Pretrain + sft + held-out eval of one projector; a projector without parameters skips pretraining."""
     from llava_kit.eval import evaluate
     from llava_kit.inference import GenerationService
@@ -307,15 +338,16 @@ def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: Eva
     train_seconds = time.perf_counter() - start
     step_time, final_loss = _sft_metrics(sft_dir, sft_cfg.train.max_steps)
     service = GenerationService.from_loaded(open_model_dir(sft_dir))
+    tokens = tokens_per_held_out_image(service.model, evaluation)
     records = held_out_records(evaluation)
     accuracy = evaluate(service, records, evaluation.image_root, max_new_tokens=evaluation.max_new_tokens,
                         predictions_path=sft_dir / "eval_predictions.jsonl")
     result = ProjectorResult(projector=name, parameters=parameters, visual_tokens=tokens,
                              step_time_ms=1000 * step_time, memory_mib=memory / 2**20, final_loss=final_loss,
                              accuracy=accuracy["all"], accuracy_by_kind={k: v for k, v in accuracy.items() if k != "all"},
-                             train_seconds=train_seconds)
-    logger.info("compare: %s -> accuracy %.2f (%d tokens, %s parameters, %.0f ms/step)", name, result.accuracy,
-                tokens, f"{parameters:,}", result.step_time_ms)
+                             train_seconds=train_seconds, strategy=strategy)
+    logger.info("compare: %s%s -> accuracy %.2f (%d tokens, %s parameters, %.0f ms/step)", name,
+                f" ({strategy})" if strategy else "", result.accuracy, tokens, f"{parameters:,}", result.step_time_ms)
     return result
 
 
@@ -335,13 +367,18 @@ def compare_projectors(config_path: str | Path, projectors: list[str] | None = N
     output_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_shapes_task(compare.shapes, output_dir / "prepared") if compare.shapes else None
     pretrain, sft, evaluation = stage_configs(compare, prepared)
+    strategies = compare.strategies or {"": {}}
     # Check every projector's configs and options up front: a mistake in the last one should not cost the first
     # ones' runs.
-    for name in names:
-        _, sft_cfg = projector_run_configs(pretrain, sft, name, options.get(name, {}), output_dir / "runs")
-    check_projectors(names, options, sft_cfg)
+    for overrides in strategies.values():
+        for name in names:
+            _, sft_cfg = projector_run_configs(with_strategy(pretrain, overrides), with_strategy(sft, overrides), name,
+                                               options.get(name, {}), output_dir / "runs")
+        check_projectors(names, options, sft_cfg)
     start, load_before = time.perf_counter(), _load_average()
-    results = [run_one(name, options.get(name, {}), pretrain, sft, evaluation, output_dir / "runs") for name in names]
+    results = [run_one(name, options.get(name, {}), with_strategy(pretrain, overrides), with_strategy(sft, overrides),
+                       evaluation, output_dir / "runs" / strategy if strategy else output_dir / "runs", strategy)
+               for strategy, overrides in strategies.items() for name in names]
     machine = {"seconds": time.perf_counter() - start, "load_before": load_before, "load_after": _load_average()}
     report = Path(report) if report else output_dir / "comparison.md"
     recipe = {"pretrain": stage_summary(pretrain), "sft": stage_summary(sft),
