@@ -296,7 +296,7 @@ def cmd_compare_projectors(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from llava_kit.demo import run_demo
 
-    return run_demo(args.workdir, quick=args.quick, results=args.results)
+    return run_demo(args.workdir, quick=args.quick, results=args.results, task=args.task)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo_workdir", help="where data, runs and the merged model go "
                                                              "(default ./demo_workdir)")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline (accuracy is low)")
+    p.add_argument("--task", default="shapes", choices=["shapes", "wide"],
+                   help="shapes (default), or wide: shapes on 2:1 to 3:1 canvases read at any resolution (AnyRes "
+                        "tiles; docs/high-resolution.md)")
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("init-tiny", help="write tiny random models: OUT_DIR/vision and OUT_DIR/llm",
@@ -369,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "template) load OUT_DIR without llava-kit. Projectors the format cannot express "
                                    "are refused with the reason.")
     p.add_argument("model_dir", help="a merged model directory or a run directory")
-    p.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format (default hf-llava)")
+    p.add_argument("--format", default="hf-llava", choices=["hf-llava", "hf-llava-next"],
+                   help="output format (default hf-llava; hf-llava-next for AnyRes models: LlavaNextForConditionalGeneration)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_export)

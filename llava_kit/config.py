@@ -60,6 +60,13 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_att
 # transformers' pattern of an attention kernel from the hub (integrations/hub_kernels.py `is_kernel`)
 HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
 
+IMAGE_STRATEGIES = ("fixed", "anyres")
+"""`model.vision.image_strategy` values (llava_kit/model/anyres.py implements `anyres`)."""
+ANYRES_KEYS = ("grid_pinpoints", "max_tokens_per_image", "max_image_tokens_per_sample")
+"""`model.vision` keys that only apply with image_strategy anyres."""
+TILE_RANGE = re.compile(r"^\s*\((\d+)x(\d+)\)\s*,\s*\.\.\.\s*,\s*\((\d+)x(\d+)\)\s*$")
+ANYRES_MAX = re.compile(r"^anyres_max_(\d+)$")
+
 DataFormat = Literal[DATA_FORMATS]
 ReportTarget = Literal[(*REPORT_INTEGRATIONS, "none", "all")]
 HubKernel = Annotated[str, StringConstraints(pattern=HUB_KERNEL.pattern), Described("a hub kernel 'org/name'")]
@@ -77,6 +84,25 @@ class VisionConfig(Schema):
     [-2, -5, -8, -11]) concatenates those layers channel-wise (the projector sees len(list) x the tower's width)."""
     select_strategy: Literal["patch", "full"] = "patch"
     """`patch` drops the CLS token where the tower has one; `full` keeps every token."""
+    image_strategy: Literal[IMAGE_STRATEGIES] = "fixed"
+    """How an image reaches the tower: `fixed` (one view at the tower's input size, `data.image_aspect` says how it
+    gets there) or `anyres` (LLaVA-NeXT: a base view of the whole image plus tiles of the image at the best-fitting
+    grid of `grid_pinpoints`; the padded area is cut off the features and a learned newline ends each row;
+    docs/high-resolution.md). Under anyres an image's token count depends on its size."""
+    grid_pinpoints: list[list[int]] | str | None = None
+    """anyres: the resolutions an image may be tiled at. A list of [height, width] in pixels, multiples of the tower's
+    input size (transformers' `image_grid_pinpoints`, e.g. [[336, 672], [672, 336], [672, 672], [1008, 336],
+    [336, 1008]]); a range of tile grids `(1x1),...,(3x3)` (every rows x cols up to the last; LLaVA-NeXT's
+    notation); or `anyres_max_N`: every grid of at most N tiles. None: LLaVA-NeXT's five grids (1x2, 2x1, 2x2,
+    1x3, 3x1 tiles)."""
+    max_tokens_per_image: int | None = None
+    """anyres: the most tokens one image may take (base view, tiles and newlines). An image that would take more has
+    its tile features pooled bilinearly to a smaller grid after the projector (LLaVA-OneVision's `anyres_max`);
+    None: no cap. Projectors without a token grid (resampler, perceiver, qformer) cannot pool and refuse a cap
+    below their largest count."""
+    max_image_tokens_per_sample: int | None = None
+    """anyres: the most image tokens one sample's images take together; each of a sample's k images is capped at
+    this // k (and at max_tokens_per_image), so multi-image samples pool more. None: only max_tokens_per_image."""
 
 
 class LLMConfig(Schema):
@@ -323,6 +349,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     layers = cfg.model.vision.feature_layer
     if isinstance(layers, list) and not layers:
         problems.append("`model.vision.feature_layer` is an empty list; give one layer (-2) or several ([-2, -5])")
+    problems += _anyres_problems(cfg)
     if cfg.data.max_seq_len < 16:
         problems.append(f"`data.max_seq_len` is {cfg.data.max_seq_len}; it must be at least 16")
     if not 0 <= cfg.data.min_kept_fraction <= 1:
@@ -378,6 +405,57 @@ def _held_out_problems(cfg: RunConfig) -> list[str]:
     if bench.name and bench.name != "custom" and cfg.modality == "text":
         problems.append(f"`train.eval_benchmark` {bench.name!r} asks about images; stage `{cfg.stage}` trains a text "
                         "model (use `custom` with text-only questions)")
+    return problems
+
+
+def tile_grids(spec: str) -> list[tuple[int, int]]:
+    """The tile grids (rows, cols) a string `model.vision.grid_pinpoints` names, in selection order.
+
+    `(AxB),...,(CxD)`: every rows in A..C and cols in B..D (LLaVA-NeXT's range notation, rows first);
+    `anyres_max_N`: every grid of at most N tiles. ValueError saying what is wrong otherwise.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"expected a string, got {spec!r}")
+    match = TILE_RANGE.match(spec)
+    if match:
+        first_rows, first_cols, last_rows, last_cols = (int(g) for g in match.groups())
+        if min(first_rows, first_cols) < 1 or first_rows > last_rows or first_cols > last_cols:
+            raise ValueError(f"{spec!r} is an empty range; write (1x1),...,(3x3): rows x cols from the first to the last")
+        return [(rows, cols) for rows in range(first_rows, last_rows + 1) for cols in range(first_cols, last_cols + 1)]
+    match = ANYRES_MAX.match(spec)
+    if match:
+        most = int(match.group(1))
+        if most < 1:
+            raise ValueError(f"{spec!r} allows no tile; N in anyres_max_N must be at least 1")
+        return [(rows, cols) for rows in range(1, most + 1) for cols in range(1, most // rows + 1)]
+    raise ValueError(f"{spec!r} is neither a range of tile grids like (1x1),...,(3x3) nor anyres_max_N (e.g. "
+                     "anyres_max_4), nor a list of [height, width] resolutions")
+
+
+def _anyres_problems(cfg: RunConfig) -> list[str]:
+    """`model.vision`'s anyres keys: only with image_strategy anyres, well-formed pinpoints, positive caps."""
+    v, problems = cfg.model.vision, []
+    if v.image_strategy != "anyres":
+        given = [key for key in ANYRES_KEYS if getattr(v, key) is not None]
+        if given:
+            problems.append(f"`model.vision.{given[0]}` only applies with `model.vision.image_strategy: anyres` "
+                            f"(it is {v.image_strategy!r}); set the strategy or remove {', '.join(given)}")
+        return problems
+    pinpoints = v.grid_pinpoints
+    if isinstance(pinpoints, str):
+        try:
+            tile_grids(pinpoints)
+        except ValueError as err:
+            problems.append(f"`model.vision.grid_pinpoints`: {err}")
+    elif isinstance(pinpoints, list):
+        bad = [p for p in pinpoints if len(p) != 2 or min(p) < 1]
+        if not pinpoints or bad:
+            problems.append(f"`model.vision.grid_pinpoints` must list [height, width] resolutions in pixels (e.g. "
+                            f"[[336, 672], [672, 336], [672, 672]]), got {pinpoints if not bad else bad[0]!r}")
+    for key in ("max_tokens_per_image", "max_image_tokens_per_sample"):
+        value = getattr(v, key)
+        if value is not None and value < 1:
+            problems.append(f"`model.vision.{key}` must be a positive number of tokens (or null: no cap), got {value}")
     return problems
 
 

@@ -10,6 +10,7 @@ Every kind of directory llava-kit reads or writes is recognised here, and nowher
 | run             | config.yaml                                      | a run of any stage (base rebuilt + trained)  |
 | merged          | llava_kit.json                                   | a merged multimodal model (`LlavaModel`)     |
 | hf-llava        | config.json, model_type "llava"                  | transformers' LlavaForConditionalGeneration  |
+| hf-llava-next   | config.json, model_type "llava_next"             | transformers' LlavaNextForConditionalGeneration (AnyRes) |
 | original-llava  | config.json with mm_projector_type/mm_vision_tower | an original LLaVA checkpoint (import only) |
 | llm             | config.json of a causal LM                       | a merged text run, or any transformers LLM   |
 
@@ -36,6 +37,8 @@ DIRECTORY_KINDS = {
     "run": "a run directory written by `llava-kit train` (config.yaml)",
     "merged": f"a merged model written by `llava-kit merge` or `llava-kit import` ({MERGED_SPEC})",
     "hf-llava": "a transformers llava directory (config.json, model_type llava), e.g. `llava-kit export`'s output",
+    "hf-llava-next": "a transformers llava-next directory (config.json, model_type llava_next), e.g. "
+                     "llava-hf/llava-v1.6-mistral-7b-hf or `llava-kit export --format hf-llava-next`'s output",
     "original-llava": "an original LLaVA checkpoint (config.json with mm_projector_type); open it after "
                       "`llava-kit import`",
     "llm": "a transformers causal LM directory (a merged text run, or any LLM)",
@@ -80,6 +83,8 @@ def directory_kind(path: Path) -> str | None:
                              "LlavaModel.from_pretrained")
     if config.get("model_type") == "llava" and "vision_config" in config:
         return "hf-llava"
+    if config.get("model_type") == "llava_next" and "vision_config" in config:
+        return "hf-llava-next"
     if "mm_projector_type" in config or "mm_vision_tower" in config:
         return "original-llava"
     return "llm"
@@ -127,7 +132,7 @@ def _open_inference_dir(path: Path, kind: str, dtype: torch.dtype, trust_remote_
 
     if kind == "merged":
         return merged.open_merged(path, dtype)
-    if kind == "hf-llava":
+    if kind in ("hf-llava", "hf-llava-next"):
         return foreign.load_hf_llava(path, dtype)
     if kind == "original-llava":
         return foreign.load_original_llava(path, vision, dtype)

@@ -80,12 +80,14 @@ class Modality:
 
     # ---------------------------------------------------------------- prompts
     def encode_prompt(self, messages: list[dict], n_images: int, tokenizer, settings: InferenceSettings,
-                      model) -> list[int]:
-        """Token ids of a conversation ending where the answer starts (never truncated)."""
+                      model, image_sizes: list | None = None) -> list[int]:
+        """Token ids of a conversation ending where the answer starts (never truncated); `image_sizes` (each image's
+        (height, width)) are needed where a model's token count per image depends on it (AnyRes)."""
         raise NotImplementedError
 
     def preprocess_images(self, images: list, model, settings: InferenceSettings) -> torch.Tensor | None:
-        """RGB PIL images -> pixel values [n_images, 3, H, W] for the model's tower (None without images)."""
+        """RGB PIL images -> pixel values [n_views, 3, H, W] for the model's tower, one view per image (AnyRes: each
+        image's base view and tiles, one image after the other); None without images."""
         raise NotImplementedError
 
 
@@ -150,8 +152,14 @@ class MultimodalModality(Modality):
             model.language_model = model.language_model.merge_and_unload()
         return write_merged(model, tokenizer, settings, out_dir, read_projector_spec(source), merged_from=source)
 
-    def encode_prompt(self, messages, n_images, tokenizer, settings, model):
-        return encode_messages(messages, tokenizer, settings.template, model.image_token_id, model.tokens_per_image,
+    def encode_prompt(self, messages, n_images, tokenizer, settings, model, image_sizes=None):
+        counts = model.tokens_per_image
+        if model.anyres is not None:  # each image's own count, from its size (and the sample's budget)
+            if image_sizes is None or len(image_sizes) != n_images:
+                raise UsageError("this model reads images at any resolution (AnyRes): encoding a prompt needs each "
+                                 "image's (height, width)")
+            counts = model.image_token_counts(image_sizes)
+        return encode_messages(messages, tokenizer, settings.template, model.image_token_id, counts,
                                max_seq_len=None, n_images=n_images, system_prompt=settings.system_prompt,
                                add_generation_prompt=True).input_ids
 
@@ -161,6 +169,8 @@ class MultimodalModality(Modality):
         if not images:
             return None
         tower = model.vision_tower
+        if model.anyres is not None:  # the base view and the tiles of each image (data.image_aspect: fixed only)
+            return tower.preprocess([view for image in images for view in model.anyres.views(image)])
         return tower.preprocess([prepare_image(image, settings.image_aspect, tower.image_mean) for image in images])
 
 
@@ -220,7 +230,7 @@ class TextModality(Modality):
         spec = TextModelSpec(stage=stage, inference=settings, merged_from=source)
         return write_merged_text(model, tokenizer, spec, out_dir)
 
-    def encode_prompt(self, messages, n_images, tokenizer, settings, model):
+    def encode_prompt(self, messages, n_images, tokenizer, settings, model, image_sizes=None):
         if n_images:
             raise UsageError("this is a text-only model (no vision tower): it cannot look at images; drop the "
                              "image, or use it as model.llm of a pretrain run to give it eyes")

@@ -27,3 +27,10 @@ class ProjectorResult:
     train_seconds: float = 0.0
     metric: str = "accuracy"
     """The benchmark's headline metric that `accuracy` holds (circular_accuracy for MMBench, f1 for POPE, ...)."""
+    strategy: str = ""
+    """The image strategy's name in the comparison's `strategies` (empty: the recipe's own)."""
+
+    @property
+    def label(self) -> str:
+        """The projector, with its strategy when there is one."""
+        return f"{self.projector} ({self.strategy})" if self.strategy else self.projector

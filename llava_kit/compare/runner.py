@@ -4,11 +4,12 @@
     llava-kit compare-projectors configs/tiny/compare_projectors.yaml --projectors linear,mlp2x_gelu,resampler
 
 A comparison config (YAML) has the keys of `CompareConfig` below: output_dir, projectors, projector_options,
-shapes, pretrain, sft, eval. Everything is checked when it is loaded, the two stages' run-config keys too (their
+strategies, shapes, pretrain, sft, eval. Everything is checked when it is loaded, the two stages' run-config keys too (their
 cross-field checks run once each projector's config is complete), with every problem reported together.
 
 Per projector it writes OUTPUT_DIR/runs/NAME/{pretrain,sft} and measures: parameters, visual tokens, sft step time,
-training memory, final sft loss and held-out accuracy. `llava_kit.compare.report` writes the table (markdown and
+training memory, final sft loss and held-out accuracy. With `strategies` (e.g. fixed and anyres) every projector runs
+once per image strategy (OUTPUT_DIR/runs/STRATEGY/NAME/...), and the visual tokens are the mean per held-out image. `llava_kit.compare.report` writes the table (markdown and
 CSV) and the plot (PNG) at the report path.
 """
 
@@ -69,18 +70,30 @@ def list_projectors(vision_width: int, llm_width: int, grid: tuple[int, int], ha
             rows.append({"projector": name, "visual_tokens": None, "parameters": None, "note": str(err)})
             continue
         rows.append({"projector": name, "visual_tokens": projector.num_output_tokens,
-                     "parameters": count_parameters(projector), "note": ""})
+                     "parameters": count_parameters(projector), "tiles": tiles_text(projector), "note": ""})
     return rows
+
+
+def tiles_text(projector) -> str:
+    """How the projector takes AnyRes tiles (`Projector.tiles`), in a few words."""
+    refusal = projector.tiles_refusal()
+    if refusal:
+        return f"refused: {refusal}"
+    if projector.tiles == "grid":
+        rows, cols = projector.token_grid
+        return f"per tile, {rows}x{cols} grid"
+    return "per tile, concatenated"
 
 
 def format_listing(rows: list[dict]) -> str:
     """A plain-text table of `list_projectors` rows."""
-    lines = [f"{'projector':<14} {'visual tokens':>13} {'parameters':>14}"]
+    lines = [f"{'projector':<14} {'visual tokens':>13} {'parameters':>14}  AnyRes tiles"]
     for row in rows:
         if row["parameters"] is None:
             lines.append(f"{row['projector']:<14} {'-':>13} {'-':>14}  refused: {row['note']}")
         else:
-            lines.append(f"{row['projector']:<14} {row['visual_tokens']:>13,} {row['parameters']:>14,}")
+            lines.append(f"{row['projector']:<14} {row['visual_tokens']:>13,} {row['parameters']:>14,}  "
+                         f"{row['tiles']}")
     return "\n".join(lines)
 
 
@@ -113,6 +126,10 @@ class CompareConfig(Schema):
     """The default list of projectors (`--projectors a,b,c` replaces it); none: every design `projectors` lists."""
     projector_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """{name: {option: value}}: options of a projector (e.g. resampler num_queries)."""
+    strategies: dict[str, dict[str, Any]] | None = None
+    """{name: run-config keys applied to both stages}: every projector runs once per image strategy, e.g. {fixed: {},
+    anyres: {model: {vision: {image_strategy: anyres, grid_pinpoints: anyres_max_3}}, data: {max_seq_len: 1024}}};
+    none: once, as the recipe says."""
     shapes: dict[str, Any] | None = None
     """DemoRecipe fields (llava_kit/demo/pipeline.py): prepare the synthetic shapes task (data, a tiny tower with its
     warm-up, a text-pretrained tiny LLM) once under OUTPUT_DIR/prepared, reused while the recipe is unchanged; model
@@ -153,6 +170,10 @@ def load_compare_config(path: str | Path) -> CompareConfig:
         for stage in ("pretrain", "sft"):
             if isinstance(data.get(stage), dict):
                 problems += check_data(RunConfig, data[stage], prefix=stage)[1]
+        strategies = data.get("strategies")
+        for name, overrides in strategies.items() if isinstance(strategies, dict) else []:
+            if isinstance(overrides, dict):
+                problems += check_data(RunConfig, overrides, prefix=f"strategies.{name}")[1]
         if isinstance(data.get("shapes"), dict):
             problems += _shapes_problems(data["shapes"])
         if not data.get("output_dir"):
@@ -214,11 +235,12 @@ def projector_run_configs(pretrain: dict, sft: dict, name: str, options: dict, r
 
 
 def check_projectors(names: list[str], options: dict, cfg) -> None:
-    """Build every projector (on the meta device: no memory) for the tower and LLM of `cfg`; ProjectorError if one
-    cannot take them."""
+    """Build every projector (on the meta device: no memory) for the tower and LLM of `cfg`, with its image strategy;
+    ProjectorError (or AnyResError) if one cannot take them."""
     import torch
     from transformers import AutoConfig
 
+    from llava_kit.model.build import anyres_settings
     from llava_kit.model.projectors import build_projector
     from llava_kit.model.sources import resolve_model_path
     from llava_kit.model.vision import build_vision_tower
@@ -230,7 +252,9 @@ def check_projectors(names: list[str], options: dict, cfg) -> None:
     llm_width = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.name_or_path)).get_text_config().hidden_size
     for name in names:
         with torch.device("meta"):
-            build_projector(name, tower.width, llm_width, tower.grid, has_cls=has_cls, **options.get(name, {}))
+            projector = build_projector(name, tower.width, llm_width, tower.grid, has_cls=has_cls,
+                                        **options.get(name, {}))
+        anyres_settings(v, tower, projector)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -280,8 +304,29 @@ def _sft_metrics(run_dir: Path, max_steps: int) -> tuple[float, float]:
     return runtime / max(max_steps, 1), losses[-1] if losses else float("nan")
 
 
+def with_strategy(stage: dict, overrides: dict) -> dict:
+    """A stage's run-config dict with an image strategy's keys merged in."""
+    return deep_merge(stage, overrides) if overrides else stage
+
+
+def tokens_per_held_out_image(model, evaluation: EvalSettings) -> int:
+    """Visual tokens per image: the projector's count, or (AnyRes) the mean over the held-out images' sizes."""
+    if getattr(model, "anyres", None) is None:
+        return model.tokens_per_image
+    from llava_kit.benchmarks import get_benchmark
+    from llava_kit.benchmarks.base import open_image
+
+    image_root = Path(evaluation.image_root) if evaluation.image_root else None
+    items = get_benchmark(evaluation.benchmark).read(Path(evaluation.data), image_root, evaluation.limit)
+    sizes = []
+    for source in {source for item in items for source in item.images}:
+        with open_image(source) as image:
+            sizes.append((image.height, image.width))
+    return round(sum(model.image_token_counts([size])[0] for size in sizes) / max(len(sizes), 1))
+
+
 def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: EvalSettings,
-            runs_dir: Path) -> ProjectorResult:
+            runs_dir: Path, strategy: str = "") -> ProjectorResult:
     """Pretrain + sft + held-out eval of one projector; a projector without parameters skips pretraining."""
     from llava_kit.eval import run_benchmark
     from llava_kit.inference import GenerationService
@@ -300,6 +345,7 @@ def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: Eva
     train_seconds = time.perf_counter() - start
     step_time, final_loss = _sft_metrics(sft_dir, sft_cfg.train.max_steps)
     service = GenerationService.from_loaded(open_model_dir(sft_dir))
+    tokens = tokens_per_held_out_image(service.model, evaluation)
     scored = run_benchmark(evaluation.benchmark, evaluation.data, evaluation.image_root or None, service=service,
                            limit=evaluation.limit, max_new_tokens=evaluation.max_new_tokens,
                            predictions_path=sft_dir / "eval_predictions.jsonl")
@@ -308,9 +354,10 @@ def run_one(name: str, options: dict, pretrain: dict, sft: dict, evaluation: Eva
                              step_time_ms=1000 * step_time, memory_mib=memory / 2**20, final_loss=final_loss,
                              accuracy=scored.headline,
                              accuracy_by_kind={c: m[headline] for c, m in scored.scores.by_category.items()},
-                             train_seconds=train_seconds, metric=headline)
-    logger.info("compare: %s -> %s %.2f (%d tokens, %s parameters, %.0f ms/step)", name, headline, result.accuracy,
-                tokens, f"{parameters:,}", result.step_time_ms)
+                             train_seconds=train_seconds, metric=headline, strategy=strategy)
+    logger.info("compare: %s%s -> %s %.2f (%d tokens, %s parameters, %.0f ms/step)", name,
+                f" ({strategy})" if strategy else "", headline, result.accuracy, tokens, f"{parameters:,}",
+                result.step_time_ms)
     return result
 
 
@@ -330,13 +377,18 @@ def compare_projectors(config_path: str | Path, projectors: list[str] | None = N
     output_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_shapes_task(compare.shapes, output_dir / "prepared") if compare.shapes else None
     pretrain, sft, evaluation = stage_configs(compare, prepared)
+    strategies = compare.strategies or {"": {}}
     # Check every projector's configs and options up front: a mistake in the last one should not cost the first
     # ones' runs.
-    for name in names:
-        _, sft_cfg = projector_run_configs(pretrain, sft, name, options.get(name, {}), output_dir / "runs")
-    check_projectors(names, options, sft_cfg)
+    for overrides in strategies.values():
+        for name in names:
+            _, sft_cfg = projector_run_configs(with_strategy(pretrain, overrides), with_strategy(sft, overrides), name,
+                                               options.get(name, {}), output_dir / "runs")
+        check_projectors(names, options, sft_cfg)
     start, load_before = time.perf_counter(), _load_average()
-    results = [run_one(name, options.get(name, {}), pretrain, sft, evaluation, output_dir / "runs") for name in names]
+    results = [run_one(name, options.get(name, {}), with_strategy(pretrain, overrides), with_strategy(sft, overrides),
+                       evaluation, output_dir / "runs" / strategy if strategy else output_dir / "runs", strategy)
+               for strategy, overrides in strategies.items() for name in names]
     machine = {"seconds": time.perf_counter() - start, "load_before": load_before, "load_after": _load_average()}
     report = Path(report) if report else output_dir / "comparison.md"
     recipe = {"pretrain": stage_summary(pretrain), "sft": stage_summary(sft),

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_kit.data.encode import IGNORE_INDEX, OVERLONG, EncodeError, EncodeSettings, encode_sample
-from llava_kit.data.images import ImageLoadError, check_image, load_image, prepare_image
+from llava_kit.data.images import ImageLoadError, checked_image, load_image, prepare_image
 from llava_kit.data.readers import BadRecord, Sample
 from llava_kit.errors import DataError
 
@@ -152,14 +152,24 @@ class Example:
     image_paths: list[str]
     source: str = ""
     id: str | None = None
+    image_sizes: list[tuple[int, int]] | None = None
+    """Each image's (height, width): AnyRes lays its tiles out and counts its tokens from it."""
+    image_caps: list[int] | None = None
+    """AnyRes: each image's token cap as it was encoded (0: the model's own), the sample's budget shared."""
 
 
 def check_images(samples: list[Sample], image_root: str) -> dict[str, str | ImageLoadError]:
     """Every image of `samples`, decoded whole once (a few threads: decoding releases the GIL): image -> its path,
     or the error that refuses it."""
-    def one(image: str) -> str | ImageLoadError:
+    return {image: checked if isinstance(checked, ImageLoadError) else checked[0]
+            for image, checked in checked_images(samples, image_root).items()}
+
+
+def checked_images(samples: list[Sample], image_root: str) -> dict[str, tuple[str, tuple[int, int]] | ImageLoadError]:
+    """`check_images` with each image's (height, width) beside its path (AnyRes counts tokens from it)."""
+    def one(image: str) -> tuple[str, tuple[int, int]] | ImageLoadError:
         try:
-            return check_image(image, image_root)
+            return checked_image(image, image_root)
         except ImageLoadError as err:
             return err
 
@@ -179,16 +189,17 @@ def prepare_examples(samples: list[Sample], settings: EncodeSettings, image_root
                         overlong=settings.overlong)
     for bad in prior_bad or []:
         reject(report, bad, bad_records)
-    images = check_images(samples, image_root)
+    images = checked_images(samples, image_root)
     examples = []
     for sample in samples:
         try:
-            paths = []
+            paths, sizes = [], []
             for image in sample.images:
                 if isinstance(images[image], ImageLoadError):
                     raise images[image]
-                paths.append(images[image])
-            enc = encode_sample(sample.messages, len(sample.images), sample.tools, settings)
+                paths.append(images[image][0])
+                sizes.append(images[image][1])
+            enc = encode_sample(sample.messages, len(sample.images), sample.tools, settings, sizes)
         except EncodeError as err:
             if err.kind == OVERLONG:
                 report.lengths.append(err.length)
@@ -201,7 +212,9 @@ def prepare_examples(samples: list[Sample], settings: EncodeSettings, image_root
             continue
         report.lengths.append(enc.length)
         report.truncated += enc.truncated
-        examples.append(Example(enc.input_ids, enc.labels, paths[: enc.n_images], sample.source, sample.id))
+        caps = settings.anyres.sample_caps(len(sizes))[: enc.n_images] if settings.anyres is not None else None
+        examples.append(Example(enc.input_ids, enc.labels, paths[: enc.n_images], sample.source, sample.id,
+                                sizes[: enc.n_images], caps))
     report.kept = len(examples)
     return examples, report
 
@@ -210,10 +223,13 @@ class LlavaDataset(Dataset):
     """Encoded multimodal (or text-only) examples; `__getitem__` returns tensors and loaded images."""
 
     def __init__(self, examples: list[Example], report: DataReport, image_aspect: str = "pad",
-                 image_preprocess=None, image_mean=(0.5, 0.5, 0.5), bad_records: str = "skip"):
+                 image_preprocess=None, image_mean=(0.5, 0.5, 0.5), bad_records: str = "skip", anyres=None):
         self.examples, self.report = examples, report
         self.image_aspect = image_aspect
         self.image_preprocess = image_preprocess  # list[PIL] -> [n, 3, H, W]
+        # AnyRes (llava_kit.model.anyres.AnyRes, given by the model): `anyres.views(image)` is an image's views (base,
+        # then tiles); items then carry every view and the images' sizes and caps. None: one view per image.
+        self.anyres = anyres
         self.image_mean = image_mean
         self.bad_records = bad_records
         self.feature_reader = None  # set by use_feature_cache(): items then carry tower features, not pixels
@@ -227,7 +243,8 @@ class LlavaDataset(Dataset):
 
         report = self.report
         meta = {"image_paths": [e.image_paths for e in self.examples], "sources": [e.source for e in self.examples],
-                "ids": [e.id for e in self.examples], "total": report.total, "truncated": report.truncated,
+                "ids": [e.id for e in self.examples], "image_sizes": [e.image_sizes for e in self.examples],
+                "image_caps": [e.image_caps for e in self.examples], "total": report.total, "truncated": report.truncated,
                 "skipped": [vars(b) for b in report.skipped], "formats": report.formats, "lengths": report.lengths,
                 "max_seq_len": report.max_seq_len, "overlong": report.overlong}
         return EncodedExamples([e.input_ids for e in self.examples], [e.labels for e in self.examples], meta)
@@ -236,9 +253,10 @@ class LlavaDataset(Dataset):
     def from_encoded(cls, encoded, **settings) -> LlavaDataset:
         """Rebuild a dataset saved by `to_encoded` without reading or tokenising the data again."""
         meta = encoded.meta
-        examples = [Example(ids, labels, paths, source, rid) for ids, labels, paths, source, rid in
-                    zip(encoded.input_ids, encoded.labels, meta["image_paths"], meta["sources"], meta["ids"],
-                        strict=True)]
+        n = len(encoded.input_ids)
+        examples = [Example(ids, labels, paths, source, rid, sizes, caps) for ids, labels, paths, source, rid, sizes,
+                    caps in zip(encoded.input_ids, encoded.labels, meta["image_paths"], meta["sources"], meta["ids"],
+                                meta.get("image_sizes", [None] * n), meta.get("image_caps", [None] * n), strict=True)]
         report = DataReport(total=meta["total"], kept=len(examples), truncated=meta["truncated"],
                             skipped=[BadRecord(**b) for b in meta["skipped"]], formats=meta["formats"],
                             lengths=meta["lengths"], max_seq_len=meta["max_seq_len"], overlong=meta["overlong"])
@@ -276,17 +294,31 @@ class LlavaDataset(Dataset):
         example = self.examples[index]
         item = {"input_ids": torch.tensor(example.input_ids), "labels": torch.tensor(example.labels)}
         if example.image_paths and self.feature_reader is not None:
-            # [n_images, num_tokens, width] float16: the frozen tower's output, read from the memory map
-            item["vision_features"] = torch.stack([self.feature_reader(p) for p in example.image_paths])
+            # float16 tower output read from the memory map: [n_images, num_tokens, width], one view per image, or
+            # (AnyRes) every image's views one image after the other, [n_views, num_tokens, width]
+            features = [self.feature_reader(p) for p in example.image_paths]
+            item["vision_features"] = torch.cat(features) if self.anyres is not None else torch.stack(features)
         elif example.image_paths:
             images = []
-            for path in example.image_paths:
+            for path, size in zip(example.image_paths, example.image_sizes or [None] * len(example.image_paths),
+                                  strict=True):
                 try:
-                    images.append(prepare_image(load_image(path), self.image_aspect, self.image_mean))
+                    image = load_image(path)
+                    if self.anyres is not None and (image.height, image.width) != tuple(size):
+                        raise ImageLoadError(f"it is {image.width}x{image.height} now, {size[1]}x{size[0]} when the "
+                                             "data was checked (its tokens were counted from that size)")
+                    images.append(image if self.anyres is not None else
+                                  prepare_image(image, self.image_aspect, self.image_mean))
                 except ImageLoadError as err:
                     self.skip_during_training(index, path, err)
                     return None
-            item["pixel_values"] = self.image_preprocess(images)  # [n_images, 3, H, W]
+            if self.anyres is None:
+                item["pixel_values"] = self.image_preprocess(images)  # [n_images, 3, H, W]
+            else:  # [n_views, 3, H, W]: each image's base view and tiles, one image after the other
+                item["pixel_values"] = self.image_preprocess([v for image in images for v in self.anyres.views(image)])
+        if example.image_paths and self.anyres is not None:
+            item["image_sizes"] = torch.tensor(example.image_sizes, dtype=torch.long)  # [n_images, 2] (height, width)
+            item["image_token_caps"] = torch.tensor(example.image_caps, dtype=torch.long)  # [n_images]
         return item
 
     def __getitem__(self, index: int) -> dict:
@@ -354,4 +386,12 @@ class Collator:
         features = [i["vision_features"] for i in items if "vision_features" in i]
         if features:
             batch["vision_features"] = torch.cat(features)  # [total_images, num_tokens, width], batch order
+        for key in ANYRES_KEYS:  # AnyRes: [total_images, 2] sizes, [total_images] caps, batch order
+            parts = [i[key] for i in items if key in i]
+            if parts:
+                batch[key] = torch.cat(parts)
         return batch
+
+
+ANYRES_KEYS = ("image_sizes", "image_token_caps")
+"""What AnyRes items carry besides their views: each image's (height, width) and token cap."""

@@ -9,13 +9,16 @@ Layout, under `root/<key>/` where `key` hashes everything the features depend on
 weights, architecture, feature layer, select strategy, image preprocessing, aspect policy):
 
     key.json                    what the key was made of (for humans)
-    shard-<id>.npy              [n_images, num_tokens, width] float16
+    shard-<id>.npy              [n_images, num_tokens, width] float16 (AnyRes: [n_views, num_tokens, width])
     shard-<id>.json             {"images": [content hash, ...]} in row order; written last = shard complete
+                                (AnyRes: also "views": [views per image], each image's rows one after the other)
     files.json                  path -> [size, mtime_ns, content hash], so reruns do not re-read every image
     lock                        flock: one process encodes, the others wait and then read
 
 Images are keyed by the sha256 of their bytes, so a renamed or copied image hits the cache and an
-edited one misses it. Several processes (torchrun ranks) may call `ensure` at once: the first
+edited one misses it. Under AnyRes every view of an image is cached (its base view and each tile, as the tower
+encodes them one by one), and the key also holds the tile size and the pinpoints the tiles are cut for (not the
+token caps: pooling happens after the projector). Several processes (torchrun ranks) may call `ensure` at once: the first
 encodes what is missing under the lock, the rest find it done. DataLoader workers only read.
 """
 
@@ -49,7 +52,7 @@ def default_cache_root() -> Path:
     return Path(home) / "feature_cache"
 
 
-def tower_fingerprint(tower, image_aspect: str) -> dict:
+def tower_fingerprint(tower, image_aspect: str, anyres=None) -> dict:
     """Everything the cached features depend on, JSON-ready; its hash names the cache directory."""
     weights = hashlib.sha256()
     with tower.exclusive():  # another thread encoding with a truncated block list must not change what is hashed
@@ -63,8 +66,12 @@ def tower_fingerprint(tower, image_aspect: str) -> dict:
     processor = getattr(tower, "image_processor", None)
     preprocessing = processor.to_dict() if processor is not None else getattr(tower, "preprocess_cfg", None)
     geometry = {k: v for k, v in tower.describe().items() if k not in ("name_or_path", "pretrained")}
-    return {"version": CACHE_VERSION, "weights_sha256": weights.hexdigest(), "geometry": geometry,
-            "image_aspect": image_aspect, "preprocessing": json.loads(json.dumps(preprocessing, default=str))}
+    fingerprint = {"version": CACHE_VERSION, "weights_sha256": weights.hexdigest(), "geometry": geometry,
+                   "image_aspect": image_aspect, "preprocessing": json.loads(json.dumps(preprocessing, default=str))}
+    if anyres is not None:  # the tiles an image is cut into (the fixed strategy's key is unchanged)
+        fingerprint["anyres_tiles"] = {"tile_size": anyres.tile_size,
+                                       "grid_pinpoints": [list(p) for p in anyres.pinpoints]}
+    return fingerprint
 
 
 def fingerprint_key(fingerprint: dict) -> str:
@@ -78,26 +85,35 @@ def _write_atomic(path: Path, write) -> None:
 
 
 class _ImagesToEncode(Dataset):
-    """Loads images exactly as training would (same aspect policy, same preprocessing)."""
+    """Loads images exactly as training would (same aspect policy, same preprocessing; AnyRes: the same views)."""
 
-    def __init__(self, paths: list[str], tower, image_aspect: str):
+    def __init__(self, paths: list[str], tower, image_aspect: str, anyres=None):
         self.paths, self.preprocess, self.mean, self.aspect = paths, tower.preprocess, tower.image_mean, image_aspect
+        self.anyres = anyres
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if self.anyres is not None:  # [n_views, 3, H, W]: the base view, then the tiles
+            return self.preprocess(self.anyres.views(load_image(self.paths[index])))
         image = prepare_image(load_image(self.paths[index]), self.aspect, self.mean)
         return self.preprocess([image])[0]  # [3, H, W]
+
+
+def _views_batch(items: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """AnyRes images' views [n_views_i, 3, H, W] -> all of them [sum, 3, H, W] and each image's count."""
+    return torch.cat(items), [len(i) for i in items]
 
 
 class FeatureCache:
     """The features of one tower configuration; `ensure` fills it, `reader` reads it."""
 
-    def __init__(self, root: str | Path, tower, image_aspect: str):
-        self.fingerprint = tower_fingerprint(tower, image_aspect)
+    def __init__(self, root: str | Path, tower, image_aspect: str, anyres=None):
+        self.fingerprint = tower_fingerprint(tower, image_aspect, anyres)
         self.dir = Path(root) / fingerprint_key(self.fingerprint)
         self.image_aspect = image_aspect
+        self.anyres = anyres  # llava_kit.model.anyres.AnyRes (its `views`), or None: one view per image
         self.num_tokens, self.width = tower.num_tokens, tower.width
 
     @contextmanager
@@ -110,12 +126,21 @@ class FeatureCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _index(self) -> dict[str, tuple[str, int]]:
-        """content hash -> (shard file name, row), over every complete shard."""
+    def _index(self) -> dict[str, tuple]:
+        """content hash -> (shard file name, row), or (shard, first row, views) for AnyRes shards, over every
+        complete shard."""
         index = {}
         for meta in sorted(self.dir.glob("shard-*.json")):
-            for row, digest in enumerate(json.loads(meta.read_text())["images"]):
-                index[digest] = (meta.with_suffix(".npy").name, row)
+            listing = json.loads(meta.read_text())
+            shard = meta.with_suffix(".npy").name
+            if "views" not in listing:
+                for row, digest in enumerate(listing["images"]):
+                    index[digest] = (shard, row)
+                continue
+            row = 0
+            for digest, views in zip(listing["images"], listing["views"], strict=True):
+                index[digest] = (shard, row, views)
+                row += views
         return index
 
     def _content_hashes(self, paths: list[str]) -> dict[str, str]:
@@ -157,18 +182,21 @@ class FeatureCache:
 
     def _encode(self, paths: list[str], digests: list[str], tower, batch_size: int, num_workers: int,
                 device) -> None:
-        loader = DataLoader(_ImagesToEncode(paths, tower, self.image_aspect), batch_size=batch_size,
-                            num_workers=num_workers)
-        features = np.empty((len(paths), self.num_tokens, self.width), dtype=np.float16)
+        anyres = self.anyres is not None
+        loader = DataLoader(_ImagesToEncode(paths, tower, self.image_aspect, self.anyres), batch_size=batch_size,
+                            num_workers=num_workers, **({"collate_fn": _views_batch} if anyres else {}))
+        chunks, view_counts = [], []
         original_device = next(tower.parameters()).device
         tower.to(device)
-        written, largest = 0, 0.0
+        largest = 0.0
         with torch.no_grad():
-            for pixel_values in tqdm(loader, desc="encoding images (feature cache)", unit="batch"):
-                out = tower.encode(pixel_values.to(device)).float()  # [batch, num_tokens, width]
+            for batch in tqdm(loader, desc="encoding images (feature cache)", unit="batch"):
+                pixel_values, counts = batch if anyres else (batch, None)
+                out = tower.encode(pixel_values.to(device)).float()  # [batch (AnyRes: its views), num_tokens, width]
                 largest = max(largest, float(out.abs().max()))
-                features[written:written + len(out)] = out.clamp(-FP16_MAX, FP16_MAX).cpu().numpy()
-                written += len(out)
+                chunks.append(out.clamp(-FP16_MAX, FP16_MAX).cpu().numpy().astype(np.float16))
+                view_counts += counts or []
+        features = np.concatenate(chunks) if chunks else np.empty((0, self.num_tokens, self.width), np.float16)
         tower.to(original_device)
         if largest > FP16_MAX:
             logger.warning("feature cache: tower outputs up to %.3g exceed float16 and were clipped to %g", largest,
@@ -180,13 +208,15 @@ class FeatureCache:
 
         _write_atomic(self.dir / f"{name}.npy", write_features)
         # The shard's image list is written last: a shard without it (a crash mid-write) is never read.
-        _write_atomic(self.dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps({"images": digests})))
+        listing = {"images": digests, **({"views": view_counts} if anyres else {})}
+        _write_atomic(self.dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(listing)))
 
 
 class FeatureReader:
-    """Picklable lookup path -> features [num_tokens, width]; opens the memory maps lazily per process."""
+    """Picklable lookup path -> features [num_tokens, width] (AnyRes: [n_views, num_tokens, width]); opens the memory
+    maps lazily per process."""
 
-    def __init__(self, directory: Path, locations: dict[str, tuple[str, int]]):
+    def __init__(self, directory: Path, locations: dict[str, tuple]):
         self.directory = Path(directory)
         self.locations = locations
         self._maps: dict[str, np.ndarray] = {}
@@ -198,7 +228,9 @@ class FeatureReader:
         return path in self.locations
 
     def __call__(self, path: str) -> torch.Tensor:
-        shard, row = self.locations[path]
+        shard, row, *views = self.locations[path]
         if shard not in self._maps:
             self._maps[shard] = np.load(self.directory / shard, mmap_mode="r")
+        if views:  # AnyRes: the image's rows, base view first
+            return torch.from_numpy(np.array(self._maps[shard][row:row + views[0]]))  # [n_views, num_tokens, width]
         return torch.from_numpy(np.array(self._maps[shard][row]))  # [num_tokens, width] float16, a copy

@@ -81,13 +81,19 @@ def data_url_file(url: str) -> Path:
 
 def check_image(image: str, image_root: str | Path) -> str:
     """Resolve an image and decode it whole (as training will); returns its path or raises ImageLoadError."""
+    return checked_image(image, image_root)[0]
+
+
+def checked_image(image: str, image_root: str | Path) -> tuple[str, tuple[int, int]]:
+    """`check_image`, also returning the decoded image's (height, width) (after its EXIF orientation): what an
+    AnyRes model counts the image's tokens from."""
     path = resolve_image_path(image, image_root)
     try:
-        load_image(path)
+        decoded = load_image(path)
     except ImageLoadError as err:
         detail = str(err).removeprefix("cannot read image: ")
         raise ImageLoadError(f"cannot read image {image!r}: {detail}", kind=err.kind) from None
-    return str(path)
+    return str(path), (decoded.height, decoded.width)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -32,7 +32,7 @@ def encode_settings(cfg: RunConfig, model, tokenizer) -> EncodeSettings:
     """The one tokenizer step as this run's config sets it (also what `llava-kit data check` uses)."""
     d = cfg.data
     return EncodeSettings(tokenizer, d.template, d.max_seq_len, d.overlong, d.system_prompt, model.image_token_id,
-                          model.tokens_per_image)
+                          model.tokens_per_image, getattr(model, "anyres", None))
 
 
 def build_dataset(cfg: RunConfig, model, tokenizer) -> LlavaDataset:
@@ -43,8 +43,9 @@ def build_dataset(cfg: RunConfig, model, tokenizer) -> LlavaDataset:
     Raises BadRecordError (no usable record) or OverlongError (too few fit max_seq_len), each with its report.
     """
     tower = model.vision_tower
+    anyres = getattr(model, "anyres", None)
     image_settings = {"image_aspect": cfg.data.image_aspect, "image_preprocess": tower.preprocess,
-                      "image_mean": tower.image_mean, "bad_records": cfg.data.bad_records}
+                      "image_mean": tower.image_mean, "bad_records": cfg.data.bad_records, "anyres": anyres}
 
     def encode():
         result = read_data(cfg.data.path, cfg.data.format, cfg.stage)
@@ -56,13 +57,16 @@ def build_dataset(cfg: RunConfig, model, tokenizer) -> LlavaDataset:
     if cfg.data.cache:
         paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
         files = [file_fingerprint(f) for p in paths for f in data_source(p, cfg.data.format).files]
+        # AnyRes counts each image's tokens from its size and the settings (the fixed strategy's key is unchanged)
+        strategy = {"image_strategy": anyres.to_dict()} if anyres is not None else {}
         key = cache_key(stage="multimodal", files=files, entries=[p for p in paths if "#" in p], format=cfg.data.format,
                         stage_name=cfg.stage,
                         tokenizer=tokenizer_fingerprint(tokenizer), template=cfg.data.template,
                         system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len,
                         overlong=cfg.data.overlong, image_token_id=model.image_token_id,
                         tokens_per_image=model.tokens_per_image,
-                        image_root=str(Path(cfg.data.image_root).resolve()), bad_records=cfg.data.bad_records)
+                        image_root=str(Path(cfg.data.image_root).resolve()), bad_records=cfg.data.bad_records,
+                        **strategy)
         encoded, hit = TokenCache().get_or_build(key, lambda: encode().to_encoded())
         if hit:
             logger.info("data: tokenised examples read from the token cache (data.cache=false to re-encode)")
@@ -82,7 +86,8 @@ def attach_feature_cache(cfg: RunConfig, model, dataset: LlavaDataset, device: t
         return
     if not dataset.image_paths:
         return
-    cache = FeatureCache(cfg.data.feature_cache_dir or default_cache_root(), tower, cfg.data.image_aspect)
+    cache = FeatureCache(cfg.data.feature_cache_dir or default_cache_root(), tower, cfg.data.image_aspect,
+                         anyres=getattr(model, "anyres", None))
     reader = cache.ensure(dataset.image_paths, tower, batch_size=max(cfg.train.micro_batch_size, 32),
                           num_workers=cfg.data.num_workers, device=device)
     dataset.use_feature_cache(reader)

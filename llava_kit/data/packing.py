@@ -92,7 +92,8 @@ class PackedCollator:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                  # use_cache=False: with a KV cache object present transformers skips the packed-sequence mask
                  "use_cache": False}
-        for key in ("pixel_values", "vision_features"):  # images of a multimodal block, in token order
+        # images of a multimodal block, in token order (AnyRes: also their sizes and caps)
+        for key in ("pixel_values", "vision_features", "image_sizes", "image_token_caps"):
             images = [i[key] for i in items if key in i]
             if images:
                 batch[key] = torch.cat(images)  # [total_images, ...]
@@ -132,7 +133,7 @@ class PackedLlavaDataset(Dataset):
             if item is None:  # an image failed to decode during training: reported, the block goes on without it
                 continue
             block.add(item["input_ids"].tolist(), item["labels"].tolist())
-            for key in ("pixel_values", "vision_features"):
+            for key in ("pixel_values", "vision_features", "image_sizes", "image_token_caps"):
                 if key in item:
                     images.setdefault(key, []).append(item[key])
         packed = {"input_ids": torch.tensor(block.input_ids), "labels": torch.tensor(block.labels),

@@ -22,6 +22,7 @@ scored with `llava-kit eval`'s (answers come from the chat code path). Steps:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -64,11 +65,40 @@ class DemoRecipe:
     sft_projector_lr: float = 1e-3
     sft_batch_size: int = 16
     seed: int = 0
+    aspect: tuple[float, float] | None = None
+    """The task's canvases: None, the demo's own (sides 96-256 px drawn apart); (low, high), the long side low..high
+    times the short one, wide or tall (the high-resolution task, docs/high-resolution.md). The tower's warm-up, which
+    stands in for its pretraining, always sees the demo's own images."""
+    projector: str = "mlp2x_gelu"
+    projector_options: dict = field(default_factory=dict)
+    image_strategy: str = "fixed"
+    """model.vision.image_strategy of pretrain and sft (`anyres`: `grid_pinpoints`, `max_tokens_per_image`)."""
+    grid_pinpoints: str | None = None
+    max_tokens_per_image: int | None = None
 
     @classmethod
     def quick(cls) -> DemoRecipe:
         """A few steps of everything: checks the pipeline end to end in about a minute (accuracy stays low)."""
         return cls(n_train=96, n_eval=8, warmup_steps=10, text_pt_steps=5, pretrain_steps=5, sft_steps=10)
+
+    @classmethod
+    def wide(cls, quick: bool = False) -> DemoRecipe:
+        """`llava-kit demo --task wide`: shapes on canvases 2:1 to 3:1, read by AnyRes (the image's tiles on a 32 px
+        tower) through the 2x2-pooling avgpool projector; docs/high-resolution.md has the measurements."""
+        recipe = cls(n_train=3000, n_eval=100, aspect=(2.0, 3.0), projector="avgpool", image_strategy="anyres",
+                     grid_pinpoints="anyres_max_3", sft_steps=600)
+        if quick:
+            recipe = dataclasses.replace(recipe, **{k: v for k, v in asdict(cls.quick()).items()
+                                                    if k in ("n_train", "n_eval", "warmup_steps", "text_pt_steps",
+                                                             "pretrain_steps", "sft_steps")})
+        return recipe
+
+    def vision_settings(self) -> dict:
+        """The model.vision keys of the image strategy (none for the fixed one: the configs stay as they were)."""
+        if self.image_strategy == "fixed":
+            return {}
+        return {"image_strategy": self.image_strategy, "grid_pinpoints": self.grid_pinpoints,
+                "max_tokens_per_image": self.max_tokens_per_image}
 
 
 def write_configs(recipe: DemoRecipe, workdir: Path, data: dict, models: dict) -> dict[str, Path]:
@@ -83,10 +113,14 @@ def write_configs(recipe: DemoRecipe, workdir: Path, data: dict, models: dict) -
                   "learning_rate": recipe.text_pt_lr},
     }
     # pretrain and sft use the text-pretrained LLM: a plain transformers model directory
-    common_model = {"vision": {"name_or_path": str(models["vision"]), "feature_layer": -2, "select_strategy": "patch"},
+    common_model = {"vision": {"name_or_path": str(models["vision"]), "feature_layer": -2, "select_strategy": "patch",
+                               **recipe.vision_settings()},
                     "llm": {"name_or_path": str(workdir / "runs" / "text-pt" / "llm")},
-                    "projector": {"name": "mlp2x_gelu"}}
-    data_common = {"image_root": str(data["images"]), "image_aspect": recipe.image_aspect, "max_seq_len": 256}
+                    "projector": {"name": recipe.projector, **({"options": dict(recipe.projector_options)}
+                                                               if recipe.projector_options else {})}}
+    # AnyRes images take more tokens (a wide image's tiles): room for the longest at the default pinpoints
+    max_seq_len = 256 if recipe.image_strategy == "fixed" else 1024
+    data_common = {"image_root": str(data["images"]), "image_aspect": recipe.image_aspect, "max_seq_len": max_seq_len}
     pretrain = {
         "stage": "pretrain", "output_dir": str(workdir / "runs" / "pretrain"), "seed": recipe.seed,
         "model": common_model,
@@ -152,15 +186,19 @@ def prepare_shapes(recipe: DemoRecipe, workdir: str | Path, timings: dict | None
     timings = {} if timings is None else timings
     torch.manual_seed(recipe.seed)
     with _stage("data", timings):
-        data = write_shapes_dataset(workdir / "data", recipe.n_train, recipe.n_eval, seed=recipe.seed)
+        aspect = tuple(recipe.aspect) if recipe.aspect else None
+        data = write_shapes_dataset(workdir / "data", recipe.n_train, recipe.n_eval, seed=recipe.seed, aspect=aspect)
+        # the warm-up stands in for the tower's pretraining: on the demo's own images whatever the task's canvases
+        warmup_data = data if aspect is None else write_shapes_dataset(workdir / "warmup_data", recipe.n_train, 0,
+                                                                       seed=recipe.seed)
     with _stage("models", timings):
         models = init_tiny(workdir / "models", recipe.vision, recipe.llm, seed=recipe.seed)
     with _stage("tower warm-up", timings):
         logger.info("a real tower arrives pretrained; this tiny random one gets a short supervised warm-up on the "
                     "training images (shape/colour), then stays frozen; held-out images are never used "
                     "(docs/demo.md)")
-        records = json.loads(Path(data["pretrain"]).read_text())
-        images = [Path(data["images"]) / r["image"] for r in records]
+        records = json.loads(Path(warmup_data["pretrain"]).read_text())
+        images = [Path(warmup_data["images"]) / r["image"] for r in records]
         labels = [labels_from_caption(r["conversations"][1]["value"]) for r in records]
         warm_up_tower(models["vision"], images, labels, recipe.warmup_steps, recipe.warmup_lr,
                       recipe.warmup_batch_size, recipe.image_aspect, recipe.seed)
@@ -174,8 +212,10 @@ def prepare_shapes(recipe: DemoRecipe, workdir: str | Path, timings: dict | None
 
 
 def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: DemoRecipe | None = None,
-             results=None) -> int:
-    """Run the whole demo; prints the eval report (last line `accuracy: X.XX`) to `results` (stdout)."""
+             results=None, task: str = "shapes") -> int:
+    """Run the whole demo; prints the eval report (last line `accuracy: X.XX`) to `results` (stdout).
+
+    `task`: "shapes" (the demo) or "wide" (shapes on 2:1 to 3:1 canvases read by AnyRes: `DemoRecipe.wide`)."""
     from llava_kit.config import load_config
     from llava_kit.eval import evaluate, format_report, read_eval_records
     from llava_kit.export.merge import merge_run
@@ -183,7 +223,8 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     from llava_kit.loader import open_model_dir
     from llava_kit.train.engine import train
 
-    recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
+    if recipe is None:
+        recipe = DemoRecipe.wide(quick) if task == "wide" else (DemoRecipe.quick() if quick else DemoRecipe())
     workdir = Path(workdir).resolve()
     timings: dict[str, float] = {}
     logger.info("demo in %s (%s recipe)", workdir, "quick" if quick else "full")

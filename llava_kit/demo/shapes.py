@@ -139,17 +139,25 @@ def draw_shape_image(
     return image
 
 
-def random_spec(rng: random.Random, shape: str, color: str, min_side: int = 96, max_side: int = 256) -> ShapeSpec:
-    """A `ShapeSpec` for `shape` and `color` with random width, height and background."""
+def random_spec(rng: random.Random, shape: str, color: str, min_side: int = 96, max_side: int = 256,
+                aspect: tuple[float, float] | None = None) -> ShapeSpec:
+    """A `ShapeSpec` for `shape` and `color` with random width, height and background.
+
+    `aspect` None: width and height each drawn from min_side..max_side. Else (low, high): the short side from
+    min_side..max_side, the long side that times a ratio drawn from low..high, wide or tall at random.
+    """
     if not 16 <= min_side <= max_side:
         raise UsageError(f"need 16 <= min_side <= max_side, got min_side={min_side}, max_side={max_side}")
-    return ShapeSpec(
-        shape=shape,
-        color=color,
-        width=rng.randint(min_side, max_side),
-        height=rng.randint(min_side, max_side),
-        background=rng.choice(list(BACKGROUNDS)),
-    )
+    if aspect is None:
+        width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
+    else:
+        low, high = aspect
+        if not 1 <= low <= high:
+            raise UsageError(f"aspect must be (low, high) with 1 <= low <= high, got {aspect}")
+        short = rng.randint(min_side, max_side)
+        long_side = round(short * rng.uniform(low, high))
+        width, height = (long_side, short) if rng.random() < 0.5 else (short, long_side)
+    return ShapeSpec(shape=shape, color=color, width=width, height=height, background=rng.choice(list(BACKGROUNDS)))
 
 
 def draw_spec(rng: random.Random, spec: ShapeSpec) -> Image.Image:
@@ -228,12 +236,13 @@ def _balanced_combos(rng: random.Random, n: int) -> list[tuple[str, str]]:
 
 
 def _write_split(
-    rng: random.Random, image_dir: Path, split: str, n: int, min_side: int, max_side: int
+    rng: random.Random, image_dir: Path, split: str, n: int, min_side: int, max_side: int,
+    aspect: tuple[float, float] | None = None,
 ) -> list[tuple[str, ShapeSpec]]:
     (image_dir / split).mkdir(parents=True, exist_ok=True)
     samples = []
     for index, (shape, color) in enumerate(_balanced_combos(rng, n)):
-        spec = random_spec(rng, shape, color, min_side, max_side)
+        spec = random_spec(rng, shape, color, min_side, max_side, aspect)
         rel = f"{split}/{index:06d}.png"
         draw_spec(rng, spec).save(image_dir / rel, compress_level=1)
         samples.append((rel, spec))
@@ -241,9 +250,13 @@ def _write_split(
 
 
 def write_shapes_dataset(
-    out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0, min_side: int = 96, max_side: int = 256
+    out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0, min_side: int = 96, max_side: int = 256,
+    aspect: tuple[float, float] | None = None,
 ) -> dict[str, Path]:
     """Write the shapes dataset under `out_dir`; the same `seed` gives the same files.
+
+    `aspect` (low, high): canvases whose long side is low..high times the short one, wide or tall (`random_spec`);
+    the high-resolution task of docs/high-resolution.md. None: the demo's own images.
 
     Layout: `images/train/NNNNNN.png`, `images/eval/NNNNNN.png` (image paths in the JSON files are
     relative to `images/`), `pretrain.json` (LLaVA JSON: one caption sample per training image),
@@ -256,8 +269,8 @@ def write_shapes_dataset(
     out = Path(out_dir)
     image_dir = out / "images"
     rng = random.Random(seed)
-    train = _write_split(rng, image_dir, "train", n_train, min_side, max_side)
-    held_out = _write_split(rng, image_dir, "eval", n_eval, min_side, max_side)
+    train = _write_split(rng, image_dir, "train", n_train, min_side, max_side, aspect)
+    held_out = _write_split(rng, image_dir, "eval", n_eval, min_side, max_side, aspect)
 
     pretrain, sft = [], []
     for rel, spec in train:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def import_checkpoint(src: str | Path, out_dir: str | Path, vision: str | None = None) -> Path:
     """Convert a llava-hf or original LLaVA directory into a llava-kit merged model directory."""
     loaded = open_model_dir(src, vision=vision, allow_original_llava=True)
-    if loaded.kind not in ("hf-llava", "original-llava"):
+    if loaded.kind not in ("hf-llava", "hf-llava-next", "original-llava"):
         raise ModelLoadError(f"{src} is not a llava-hf or original LLaVA checkpoint (it is {loaded.kind}); "
                              "`import` converts checkpoints made elsewhere")
     spec = describe_projector(loaded.model, llm_source=str(src), template=loaded.settings.template, stage="imported")

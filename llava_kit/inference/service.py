@@ -59,7 +59,10 @@ class Prompt:
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None
-    """[n_images, 3, H, W] for the model's tower, in the order of the `<image>` tags; None without images."""
+    """[n_views, 3, H, W] for the model's tower, in the order of the `<image>` tags (one view per image; AnyRes:
+    each image's base view and tiles); None without images."""
+    image_sizes: list[tuple[int, int]] | None = None
+    """Each image's (height, width): an AnyRes model lays its tiles out from them (others ignore them)."""
 
 
 @dataclass
@@ -191,23 +194,27 @@ class GenerationService:
         return self.modality.has_images
 
     # ------------------------------------------------------------------------------------------ prompts
-    def encode(self, messages: list[dict], n_images: int = 0) -> list[int]:
+    def encode(self, messages: list[dict], n_images: int = 0, image_sizes: list | None = None) -> list[int]:
         """Token ids of `messages` (canonical `{role, content}`, `<image>` tags in user content), ending where the
-        answer starts; `PromptTooLongError` when they do not leave room for one token of answer."""
-        input_ids = self.modality.encode_prompt(messages, n_images, self.tokenizer, self.settings, self.model)
+        answer starts; `PromptTooLongError` when they do not leave room for one token of answer. `image_sizes`:
+        each image's (height, width), which an AnyRes model counts its tokens from."""
+        input_ids = self.modality.encode_prompt(messages, n_images, self.tokenizer, self.settings, self.model,
+                                                image_sizes)
         if self.position_limit and len(input_ids) >= self.position_limit:
             raise PromptTooLongError(f"the prompt is {len(input_ids)} tokens (images included), over the model's "
                                      f"{self.position_limit} positions; send fewer images or less text")
         return input_ids
 
     def preprocess(self, images: list) -> torch.Tensor | None:
-        """RGB PIL images -> pixel values [n, 3, H, W] (the model's image aspect and tower); None without images."""
+        """RGB PIL images -> pixel values [n_views, 3, H, W] (the model's image aspect and tower; AnyRes: every
+        image's views); None without images."""
         return self.modality.preprocess_images(list(images), self.model, self.settings)
 
     def prepare(self, messages: list[dict], images: list = ()) -> Prompt:
         """An encoded prompt of `messages` with its images (PIL, in the order of the `<image>` tags)."""
         pixel_values = self.preprocess(images)
-        return Prompt(self.encode(messages, len(images)), pixel_values)
+        sizes = image_sizes(images)
+        return Prompt(self.encode(messages, len(images), sizes), pixel_values, sizes)
 
     # ------------------------------------------------------------------------------------------ decoding
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
@@ -245,6 +252,7 @@ class GenerationService:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # [batch, width]
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         pixels = [r.prompt.pixel_values for r in requests if r.prompt.pixel_values is not None]
+        images = self._anyres_inputs([r.prompt for r in requests], device)
 
         def on_step(tokens: torch.Tensor) -> torch.Tensor:  # tokens [batch] -> rows that stopped [batch]
             return torch.tensor([row.step(int(t)) for row, t in zip(rows, tokens.tolist(), strict=True)])
@@ -257,10 +265,31 @@ class GenerationService:
         with _seeded(params.seed, device):
             if self.modality.has_images:
                 pixel_values = torch.cat(pixels).to(device) if pixels else None
-                self.model.generate(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **options)
+                self.model.generate(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **images,
+                                    **options)
             else:
                 generate(self.model, input_ids=input_ids, attention_mask=attention_mask, **options)
         return [row.completion(len(p)) for row, p in zip(rows, prompts, strict=True)]
+
+    def _anyres_inputs(self, prompts: list[Prompt], device) -> dict:
+        """AnyRes: the prompts' image sizes [n_images, 2] and caps [n_images] (each prompt's images share its budget);
+        {} for other models."""
+        anyres = getattr(self.model, "anyres", None)
+        with_images = [p for p in prompts if p.pixel_values is not None]
+        if anyres is None or not with_images:
+            return {}
+        if any(p.image_sizes is None for p in with_images):
+            raise UsageError("this model reads images at any resolution (AnyRes): a prompt's images need their "
+                             "(height, width) (Prompt.image_sizes); GenerationService.prepare sets them")
+        sizes = [size for p in with_images for size in p.image_sizes]
+        caps = [cap for p in with_images for cap in anyres.sample_caps(len(p.image_sizes))]
+        return {"image_sizes": torch.tensor(sizes, dtype=torch.long, device=device),
+                "image_token_caps": torch.tensor(caps, dtype=torch.long, device=device)}
+
+
+def image_sizes(images) -> list[tuple[int, int]]:
+    """(height, width) of PIL images, as AnyRes models take them."""
+    return [(image.height, image.width) for image in images]
 
 
 @contextlib.contextmanager

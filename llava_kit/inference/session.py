@@ -33,9 +33,12 @@ class ChatSession:
     generation: SamplingParams = field(default_factory=SamplingParams)
     messages: list[dict] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)
-    """Pixel values [1, 3, H, W] of the images in the conversation, in order."""
+    """Pixel values [n_views, 3, H, W] of the images in the conversation, in order (one view each; AnyRes: more)."""
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    """(height, width) of the images in the conversation, in order."""
     pending_image: torch.Tensor | None = None
     """An image set with `set_image`, attached to the next user message."""
+    pending_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.service = GenerationService(self.model, self.tokenizer, self.settings)
@@ -47,10 +50,12 @@ class ChatSession:
 
     def set_image(self, path: str) -> None:
         """Load an image; it is attached to the next user message (a text model refuses it)."""
-        self.pending_image = self.service.preprocess([load_image(path)])  # [1, 3, H, W]
+        image = load_image(path)
+        self.pending_image = self.service.preprocess([image])  # [n_views, 3, H, W]
+        self.pending_size = (image.height, image.width)
 
     def reset(self) -> None:
-        self.messages, self.images, self.pending_image = [], [], None
+        self.messages, self.images, self.image_sizes, self.pending_image = [], [], [], None
 
     def stop_token_ids(self) -> list[int]:
         """EOS and the template's end-of-turn marker, where it is a single token."""
@@ -62,16 +67,17 @@ class ChatSession:
         if self.pending_image is not None:
             content = f"{IMAGE_TOKEN}\n{text}" if IMAGE_TOKEN not in text else text
             self.images.append(self.pending_image)
+            self.image_sizes.append(self.pending_size)
             self.pending_image = None
         self.messages.append({"role": "user", "content": content})
-        prompt = Prompt(self._prompt_ids(), torch.cat(self.images) if self.images else None)
+        prompt = Prompt(self._prompt_ids(), torch.cat(self.images) if self.images else None, list(self.image_sizes))
         answer = self.service.generate([GenerationRequest(prompt, self.generation, on_text)])[0].text
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
     def _prompt_ids(self) -> list[int]:
         """The conversation so far, ending where the answer starts."""
-        return self.service.encode(self.messages, len(self.images))
+        return self.service.encode(self.messages, len(self.images), self.image_sizes)
 
 
 def answer_once(session: ChatSession, image: str | None, prompt: str) -> str:

@@ -146,6 +146,22 @@ def build_llava(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32,
     has_cls = tower.has_cls and v.select_strategy == "full"
     projector = build_projector(model_cfg.projector.name, tower.width, llm.config.get_text_config().hidden_size,
                                 tower.grid, has_cls=has_cls, **model_cfg.projector.options)
+    anyres = anyres_settings(v, tower, projector)
     tower.to(dtype)
     projector.to(dtype)
-    return LlavaModel.from_parts(tower, projector, llm, image_token_id), tokenizer
+    return LlavaModel.from_parts(tower, projector, llm, image_token_id, anyres), tokenizer
+
+
+def anyres_settings(vision, tower, projector):
+    """The AnyRes settings `model.vision` asks for with this tower and projector, or None (the fixed strategy);
+    ProjectorError where the projector cannot take tiles, AnyResError where the settings cannot work."""
+    if vision.image_strategy != "anyres":
+        return None
+    from llava_kit.model.anyres import AnyRes
+    from llava_kit.model.projectors import ProjectorError
+
+    refusal = projector.tiles_refusal()
+    if refusal:
+        raise ProjectorError(f"projector {projector.name!r} cannot take AnyRes tiles: {refusal}")
+    return AnyRes.build(tower.image_size, vision.grid_pinpoints, projector.num_output_tokens, projector.token_grid,
+                        vision.max_tokens_per_image, vision.max_image_tokens_per_sample)

@@ -9,6 +9,12 @@ Names follow transformers' `modeling_llava.py` (`vision_tower`, `multi_modal_pro
 in `input_ids` has already been expanded by the tokenizer step to `tokens_per_image` placeholder positions; the
 projector's output is scattered into them.
 
+With `model.vision.image_strategy: anyres` (llava_kit/model/anyres.py) an image is several views (its base view,
+then its tiles) and its token count depends on its size, as in transformers' `modeling_llava_next.py`:
+`pixel_values` [n_views, 3, H, W] holds every image's views one image after the other, `image_sizes` [n_images, 2]
+their (height, width), from which each image's tile grid, views and tokens follow; `image_newline` (a learned
+[llm_width] vector, trained with the projector) ends each row of an image's tile map.
+
 `LlavaKitConfig` (model_type "llava_kit") holds what rebuilds the architecture without any other file: the
 tower's description (`VisionTower.to_config()`: a transformers vision config and image-processor settings, or an
 open_clip architecture), the projector's constructor arguments, the LLM's config as `text_config` and the image
@@ -61,6 +67,8 @@ class LlavaKitConfig(PreTrainedConfig):
     """The projector's constructor arguments: name, options, vision_width, llm_width, grid, has_cls."""
     image_token_id: int = -1
     """Id of `<image>` in the tokenizer; each one is expanded to the projector's token count."""
+    image_strategy: dict | None = None
+    """None: the fixed strategy (one view per image). AnyRes: `AnyRes.to_dict()` (tile size, pinpoints, caps)."""
     llava_kit_format: int = FORMAT_VERSION
     """Layout version of this config; a newer one is refused by older llava-kit with a clear message."""
     tie_word_embeddings: bool = False
@@ -109,15 +117,38 @@ class LlavaModel(PreTrainedModel):
             multi_modal_projector = build_projector(p["name"], p["vision_width"], p["llm_width"], tuple(p["grid"]),
                                                     has_cls=p["has_cls"], **p.get("options", {}))
         self.multi_modal_projector = multi_modal_projector
+        self.anyres = self._anyres_of(config.image_strategy, multi_modal_projector)
+        if self.anyres is not None and self.anyres.token_grid is not None:
+            # transformers' LlavaNextModel's init: normal, std 1 / sqrt(d) (a trained checkpoint replaces it)
+            width = multi_modal_projector.llm_width
+            self.image_newline = nn.Parameter(torch.randn(width) / width ** 0.5)
+        else:
+            self.register_parameter("image_newline", None)
         self.language_model = language_model if language_model is not None else \
             AutoModelForCausalLM.from_config(config.text_config)
         self._no_split_modules = list(getattr(causal_lm_of(self.language_model), "_no_split_modules", None) or [])
         self.post_init()
 
+    @staticmethod
+    def _anyres_of(image_strategy: dict | None, projector):
+        """The AnyRes settings of a config's `image_strategy` (None: fixed), refused where the projector cannot
+        take tiles."""
+        if image_strategy is None:
+            return None
+        from llava_kit.model.anyres import AnyRes
+        from llava_kit.model.projectors import ProjectorError
+
+        refusal = projector.tiles_refusal()
+        if refusal:
+            raise ProjectorError(f"projector {getattr(projector, 'name', type(projector).__name__)!r} cannot take "
+                                 f"AnyRes tiles: {refusal}")
+        return AnyRes.from_dict(image_strategy)
+
     @classmethod
     def from_parts(cls, vision_tower: nn.Module, multi_modal_projector: nn.Module, language_model: nn.Module,
-                   image_token_id: int) -> LlavaModel:
-        """The composite of pretrained parts (a tower, a projector, a causal LM), without copying any weight."""
+                   image_token_id: int, anyres=None) -> LlavaModel:
+        """The composite of pretrained parts (a tower, a projector, a causal LM), without copying any weight;
+        `anyres` (llava_kit.model.anyres.AnyRes) reads images as tiles, None at the tower's one input size."""
         projector = multi_modal_projector
         # The LLM's own config object is the composite's text_config (one truth: resizing the embeddings updates
         # both). Building a config resets its sub-configs' attention kernel, so the LLM's choice is put back.
@@ -128,7 +159,7 @@ class LlavaModel(PreTrainedModel):
             projector={"name": getattr(projector, "name", None), "options": dict(getattr(projector, "options", {})),
                        "vision_width": projector.vision_width, "llm_width": projector.llm_width,
                        "grid": list(projector.grid), "has_cls": projector.has_cls},
-            image_token_id=image_token_id)
+            image_token_id=image_token_id, image_strategy=anyres.to_dict() if anyres is not None else None)
         text_config._attn_implementation_internal = attention
         return cls(config, vision_tower, multi_modal_projector, language_model)
 
@@ -151,7 +182,14 @@ class LlavaModel(PreTrainedModel):
 
     @property
     def tokens_per_image(self) -> int:
+        """Tokens of one view: of every image under the fixed strategy; AnyRes: see `image_token_counts`."""
         return self.multi_modal_projector.num_output_tokens
+
+    def image_token_counts(self, image_sizes) -> list[int]:
+        """The token count of each image of one sample, from their (height, width): known before any pixel is read."""
+        if self.anyres is None:
+            return [self.tokens_per_image] * len(image_sizes)
+        return self.anyres.sample_tokens([tuple(size) for size in image_sizes])
 
     @property
     def device(self) -> torch.device:
@@ -170,9 +208,12 @@ class LlavaModel(PreTrainedModel):
         return causal_lm_of(self.language_model).get_decoder()
 
     def get_image_features(self, pixel_values: torch.Tensor | None = None,
-                           vision_features: torch.Tensor | None = None) -> torch.Tensor:
-        """[n_images, 3, H, W] pixels, or the tower's output [n_images, n_patches, C] already computed (the
-        frozen-feature cache) -> [n_images, tokens_per_image, llm_width]."""
+                           vision_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                           image_token_caps: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_views, 3, H, W] pixels, or the tower's output [n_views, n_patches, C] already computed (the
+        frozen-feature cache) -> [n_images, tokens_per_image, llm_width] (fixed: one view per image), or under AnyRes
+        every image's tokens one image after the other, [total image tokens, llm_width] (see `pack_image_features`).
+        """
         if vision_features is not None:
             features = vision_features.to(self.device)
         else:
@@ -183,19 +224,44 @@ class LlavaModel(PreTrainedModel):
                 features = self.vision_tower.encode(pixel_values.to(tower_dtype))  # [n_images, n_patches, C]
         # A projector without parameters (identity) takes the features as they are.
         projector_dtype = next(self.multi_modal_projector.parameters(), features).dtype
-        return self.multi_modal_projector(features.to(projector_dtype))
+        projected = self.multi_modal_projector(features.to(projector_dtype))  # [n_views, tokens_per_image, d]
+        if self.anyres is None:
+            return projected
+        return self.pack_image_features(projected, image_sizes, image_token_caps)
+
+    def pack_image_features(self, projected: torch.Tensor, image_sizes: torch.Tensor | None,
+                            image_token_caps: torch.Tensor | None = None) -> torch.Tensor:
+        """AnyRes: the projected views [n_views, tokens_per_image, d] of images of `image_sizes` [n_images, 2]
+        (height, width) -> their tokens [total, d]: each image's base view, then its tile map (unpadded, pooled
+        under its cap from `image_token_caps` [n_images] (0: the model's own), a newline per row)."""
+        if image_sizes is None:
+            raise ValueError("an AnyRes model needs image_sizes [n_images, 2] (height, width) with its pixel values: "
+                             "each image's tiles and token count follow from its size")
+        sizes = image_sizes.tolist()
+        caps = image_token_caps.tolist() if image_token_caps is not None else [0] * len(sizes)
+        layouts = [self.anyres.layout(size, cap) for size, cap in zip(sizes, caps, strict=True)]
+        if sum(layout.views for layout in layouts) != projected.shape[0]:
+            raise ValueError(f"image features and image sizes do not match: {projected.shape[0]} views for "
+                             f"{len(sizes)} image(s) of sizes {sizes}, which have "
+                             f"{sum(layout.views for layout in layouts)}")
+        views = projected.split([layout.views for layout in layouts])
+        packed = [self.anyres.pack(v, layout, self.image_newline) for v, layout in zip(views, layouts, strict=True)]
+        return torch.cat(packed)  # [sum of the images' tokens, d]
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Boolean mask [batch, seq] of the image placeholder positions; checks the counts agree."""
         mask = input_ids == self.image_token_id
-        n_positions, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
+        n_positions, n_features = int(mask.sum()), image_features.numel() // image_features.shape[-1]
         if n_positions != n_features:
+            what = (f"{image_features.shape[0]} image(s) x {image_features.shape[1]} tokens"
+                    if image_features.dim() == 3 else f"{n_features} image tokens")
             raise ValueError(f"image features and image tokens do not match: {n_positions} placeholder positions "
-                             f"for {image_features.shape[0]} image(s) x {image_features.shape[1]} tokens")
+                             f"for {what}")
         return mask
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              vision_features: torch.Tensor | None = None) -> torch.Tensor:
+              vision_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+              image_token_caps: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features scattered into the placeholders: [batch, seq, d]."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
         images = vision_features if vision_features is not None else pixel_values
@@ -203,7 +269,8 @@ class LlavaModel(PreTrainedModel):
             if bool((input_ids == self.image_token_id).any()):
                 raise ValueError("input_ids contain image placeholders but no pixel_values were given")
             return inputs_embeds
-        image_features = self.get_image_features(pixel_values, vision_features).to(inputs_embeds.dtype)
+        image_features = self.get_image_features(pixel_values, vision_features, image_sizes,
+                                                 image_token_caps).to(inputs_embeds.dtype)
         mask = self.get_placeholder_mask(input_ids, image_features)
         # masked_scatter fills the True positions in row-major order: images in batch order.
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1]))
@@ -211,13 +278,13 @@ class LlavaModel(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 num_items_in_batch: int | torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
-                **kwargs):
+                image_sizes: torch.Tensor | None = None, image_token_caps: torch.Tensor | None = None, **kwargs):
         """With labels: {"loss"}; the LM head runs only where a label is set. Without: the LM's output.
 
         The loss is the mean over this batch's supervised tokens, or, when the Trainer passes
         `num_items_in_batch`, their sum divided by it (token-weighted across accumulation and processes).
         """
-        inputs_embeds = self.embed(input_ids, pixel_values, vision_features)
+        inputs_embeds = self.embed(input_ids, pixel_values, vision_features, image_sizes, image_token_caps)
         if labels is None:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         lm = causal_lm_of(self.language_model)
@@ -239,7 +306,8 @@ class LlavaModel(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                 image_token_caps: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
         """Generate from a prompt with images; returns only the new tokens [batch, new].
 
         `generate_kwargs` are those of `llava_kit.model.generation.generate` (max_new_tokens, do_sample,
@@ -247,7 +315,7 @@ class LlavaModel(PreTrainedModel):
         """
         from llava_kit.model.generation import generate  # here: generation.py imports this module
 
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_sizes=image_sizes, image_token_caps=image_token_caps)
         return generate(self.language_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                         **generate_kwargs)
 

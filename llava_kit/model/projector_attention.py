@@ -12,6 +12,9 @@
 
 resampler, perceiver and qformer take any grid and a CLS token (it is one more key; the resampler gives it no
 position). tokenpacker reads a 2D map: CLS refused, sides must be divisible by `scale`.
+AnyRes tiles (Projector.tiles): tokenpacker's queries lie on a grid ("grid": the image's tiles form one token map);
+resampler, perceiver and qformer output learned queries with no place on the image ("concat": views one after the
+other, no unpadding, no newlines, no pooling under a cap).
 Every nn.MultiheadAttention here is batch_first=True.
 """
 
@@ -42,6 +45,8 @@ class ResamplerProjector(Projector):
     + d*d (proj).
     """
 
+    tiles = "concat"  # no token grid: each view's tokens follow the last (Idefics2's image splitting)
+
     def __init__(self, vision_width: int, llm_width: int, grid: Sequence[int], has_cls: bool = False,
                  num_queries: int = 256, num_heads: int | None = None):
         super().__init__(vision_width, llm_width, grid, has_cls)
@@ -55,6 +60,7 @@ class ResamplerProjector(Projector):
         num_heads = default_heads(llm_width) if num_heads is None else num_heads
         check_heads("llm_width", llm_width, num_heads)
         self.num_output_tokens = num_queries
+        self.token_grid = None  # learned queries: no spatial output, so AnyRes concatenates the views
         rows, cols = self.grid
         self.kv_proj = nn.Linear(vision_width, llm_width, bias=False) if vision_width != llm_width else nn.Identity()
         self.query = nn.Parameter(torch.empty(num_queries, llm_width))
@@ -125,6 +131,8 @@ class PerceiverProjector(Projector):
     Parameters: C*d + d + L*d + depth * (12d*d + 6d) + 2d.
     """
 
+    tiles = "concat"  # no token grid: each view's tokens follow the last (Idefics2's image splitting)
+
     def __init__(self, vision_width: int, llm_width: int, grid: Sequence[int], has_cls: bool = False,
                  num_latents: int = 64, depth: int = 3, num_heads: int | None = None):
         super().__init__(vision_width, llm_width, grid, has_cls)
@@ -133,6 +141,7 @@ class PerceiverProjector(Projector):
         num_heads = default_heads(llm_width) if num_heads is None else num_heads
         check_heads("llm_width", llm_width, num_heads)
         self.num_output_tokens = num_latents
+        self.token_grid = None  # learned queries: no spatial output, so AnyRes concatenates the views
         self.linear = nn.Linear(vision_width, llm_width)
         self.latents = nn.Parameter(torch.empty(num_latents, llm_width))
         init_queries(self.latents)
@@ -183,7 +192,8 @@ class TokenPackerProjector(Projector):
         check_heads("hidden_width", hidden_width, num_heads)
         self.scale = scale
         self.layer_width = layer_width
-        self.num_output_tokens = (rows // scale) * (cols // scale)
+        self.token_grid = (rows // scale, cols // scale)  # query (i, j) summarises region (i, j), row-major
+        self.num_output_tokens = self.token_grid[0] * self.token_grid[1]
         self.q_proj = nn.Linear(layer_width, hidden_width, bias=False)
         self.k_proj = nn.Sequential(nn.Linear(vision_width, hidden_width), nn.GELU(),
                                     nn.Linear(hidden_width, hidden_width))
@@ -242,6 +252,8 @@ class QFormerProjector(Projector):
     + 2h + h*d + d.
     """
 
+    tiles = "concat"  # no token grid: each view's tokens follow the last (Idefics2's image splitting)
+
     def __init__(self, vision_width: int, llm_width: int, grid: Sequence[int], has_cls: bool = False,
                  num_queries: int = 32, depth: int = 2, hidden_width: int = 768, num_heads: int | None = None):
         super().__init__(vision_width, llm_width, grid, has_cls)
@@ -250,6 +262,7 @@ class QFormerProjector(Projector):
         num_heads = default_heads(hidden_width, 64) if num_heads is None else num_heads  # BERT: 64-wide heads
         check_heads("hidden_width", hidden_width, num_heads)
         self.num_output_tokens = num_queries
+        self.token_grid = None  # learned queries: no spatial output, so AnyRes concatenates the views
         self.query = nn.Parameter(torch.empty(num_queries, hidden_width))
         init_queries(self.query)
         self.norm_features = nn.LayerNorm(vision_width)

@@ -26,7 +26,15 @@ class Projector(nn.Module):
     The input is the vision tower's selected tokens: a leading CLS token when `has_cls`, then the patch tokens of a
     `grid` = (rows, cols) in row-major order. `num_output_tokens` is known once the projector is built, so the data
     pipeline can expand each `<image>` to that many placeholders before any image is encoded.
+
+    AnyRes (llava_kit/model/anyres.py) sends each view of an image (the base view, then each tile) through the
+    projector alone. `tiles` declares what happens to the views' outputs, once per class: `"grid"` (the outputs lie on
+    `token_grid`, so the tiles' outputs form one map of the image: unpadded, pooled under a cap, a newline per row),
+    `"concat"` (no spatial output: the views' tokens are concatenated), or any other text, which refuses AnyRes and
+    is the reason. `token_grid` is the (rows, cols) of one view's output tokens, or None where there is no grid.
     """
+
+    tiles: str = "grid"
 
     def __init__(self, vision_width: int, llm_width: int, grid: Sequence[int], has_cls: bool = False):
         super().__init__()
@@ -43,12 +51,22 @@ class Projector(nn.Module):
         self.has_cls = has_cls
         self.num_input_tokens = self.grid[0] * self.grid[1] + int(has_cls)
         self.num_output_tokens = self.num_input_tokens  # token-wise projectors; spatial ones overwrite it
+        self.token_grid: tuple[int, int] | None = None if has_cls else self.grid  # likewise: (rows, cols) of the output
 
     def refuse(self, reason: str) -> NoReturn:
         """Raise ProjectorError saying this projector cannot take its input layout, and why (for subclasses)."""
         rows, cols = self.grid
         layout = f"a CLS token + {rows}x{cols} patch grid" if self.has_cls else f"a {rows}x{cols} patch grid"
         raise ProjectorError(f"cannot take {layout}: {reason}")
+
+    def tiles_refusal(self) -> str | None:
+        """Why this projector, as built, cannot take AnyRes tiles (None: it can)."""
+        if self.tiles not in ("grid", "concat"):
+            return self.tiles
+        if self.tiles == "grid" and self.token_grid is None:
+            return ("it lays the tiles' tokens out on the image's grid, and a CLS token per tile has no place on it; "
+                    "drop it with model.vision.select_strategy: patch")
+        return None
 
     def check_features(self, features: torch.Tensor) -> None:
         """Raise ProjectorError unless `features` is [batch, num_input_tokens, vision_width]."""

@@ -80,7 +80,8 @@ class LdpProjector(Projector):
         super().__init__(vision_width, llm_width, grid, has_cls)
         self.refuse_cls()
         rows, cols = self.grid
-        self.num_output_tokens = math.ceil(rows / 2) * math.ceil(cols / 2)
+        self.token_grid = (math.ceil(rows / 2), math.ceil(cols / 2))
+        self.num_output_tokens = self.token_grid[0] * self.token_grid[1]
         self.mlp = mlp2x_gelu(vision_width, llm_width)
         self.blocks = nn.Sequential(InvertedResidual(llm_width, stride=1), InvertedResidual(llm_width, stride=2))
 
@@ -108,6 +109,7 @@ class LdpV2Projector(Projector):
             self.refuse(f"output_grid={output_grid} is larger than the input grid; pooling would repeat patches "
                         f"(set output_grid <= {min(self.grid)})")
         self.output_grid = output_grid
+        self.token_grid = (output_grid, output_grid)
         self.num_output_tokens = output_grid * output_grid
         self.mlp = mlp2x_gelu(vision_width, llm_width)
         self.peg = nn.Conv2d(llm_width, llm_width, 3, padding=1, groups=llm_width)
@@ -172,6 +174,7 @@ class CAbstractorProjector(Projector):
             self.refuse(f"output_grid={output_grid} is larger than the input grid; pooling would repeat patches "
                         f"(set output_grid <= {min(self.grid)})")
         self.output_grid = output_grid
+        self.token_grid = (output_grid, output_grid)
         self.num_output_tokens = output_grid * output_grid
         rows, cols = self.grid
         self.pos_emb = nn.Parameter(torch.zeros(1, rows * cols, vision_width))

@@ -51,7 +51,8 @@ class PoolerProjector(Projector):
         self.refuse_cls()
         _check_divisible(self, 2, "a 2x2 stride-2 convolution",
                          "an odd side would lose its last row or column; use avgpool or ldp (any grid)")
-        self.num_output_tokens = (self.grid[0] // 2) * (self.grid[1] // 2)
+        self.token_grid = (self.grid[0] // 2, self.grid[1] // 2)
+        self.num_output_tokens = self.token_grid[0] * self.token_grid[1]
         self.conv = nn.Conv2d(vision_width, llm_width, kernel_size=2, stride=2)
         self.linear = nn.Linear(llm_width, llm_width)
 
@@ -83,6 +84,7 @@ class AvgPoolProjector(Projector):
                 self.refuse(f"output_grid={output_grid} is larger than the input grid; pooling would repeat patches "
                             f"(use at most {min(rows, cols)})")
             self.output_grid = (output_grid, output_grid)
+        self.token_grid = self.output_grid
         self.num_output_tokens = self.output_grid[0] * self.output_grid[1]
         self.mlp = nn.Sequential(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
 
@@ -120,7 +122,8 @@ class PixelShuffleProjector(Projector):
         _check_divisible(self, scale, f"pixel shuffle by {scale}",
                          "use avgpool or c_abstractor (any grid), or another scale")
         self.scale = scale
-        self.num_output_tokens = (self.grid[0] // scale) * (self.grid[1] // scale)
+        self.token_grid = (self.grid[0] // scale, self.grid[1] // scale)
+        self.num_output_tokens = self.token_grid[0] * self.token_grid[1]
         merged = scale * scale * vision_width
         self.mlp = nn.Sequential(nn.LayerNorm(merged), nn.Linear(merged, llm_width), nn.GELU(),
                                  nn.Linear(llm_width, llm_width))
@@ -145,7 +148,8 @@ class PatchMergerProjector(Projector):
         _check_divisible(self, merge_size, f"merging {merge_size}x{merge_size} blocks",
                          "use avgpool or c_abstractor (any grid), or another merge_size")
         self.merge_size = merge_size
-        self.num_output_tokens = (self.grid[0] // merge_size) * (self.grid[1] // merge_size)
+        self.token_grid = (self.grid[0] // merge_size, self.grid[1] // merge_size)
+        self.num_output_tokens = self.token_grid[0] * self.token_grid[1]
         merged = merge_size * merge_size * vision_width
         self.ln_q = nn.LayerNorm(vision_width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, llm_width))

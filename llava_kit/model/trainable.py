@@ -79,6 +79,8 @@ def apply_trainability(model: LlavaModel, trainable: TrainableConfig, lora: Lora
     model.requires_grad_(False)
     if trainable.projector == "full":
         model.multi_modal_projector.requires_grad_(True)
+        if model.image_newline is not None:  # AnyRes: the row end is trained with the projector (LLaVA-NeXT)
+            model.image_newline.requires_grad_(True)
     if trainable.llm == "full":
         model.language_model.requires_grad_(True)
     elif trainable.llm in ("lora", "qlora"):

@@ -28,7 +28,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llava_kit.inference.sampling import SamplingParams
-from llava_kit.inference.service import Completion, GenerationRequest, GenerationService, Prompt, PromptTooLongError
+from llava_kit.inference.service import (
+    Completion,
+    GenerationRequest,
+    GenerationService,
+    Prompt,
+    PromptTooLongError,
+    image_sizes,
+)
 from llava_kit.serve.requests import RequestError
 
 logger = logging.getLogger(__name__)
@@ -184,13 +191,14 @@ class ModelWorker:
             raise RequestError(f"model {self.name!r} reads text only; send the conversation without images",
                                "messages")
         pixel_values = self.service.preprocess(images)
+        sizes = image_sizes(images)  # an AnyRes model counts each image's tokens from its size
         with self._encode_lock:  # one tokenizer, shared by every request's thread
-            input_ids = self.service.encode(messages, len(images))
+            input_ids = self.service.encode(messages, len(images), sizes)
         if self.max_prompt_tokens is not None and len(input_ids) > self.max_prompt_tokens:
             raise PromptTooLongError(f"the prompt is {len(input_ids)} tokens (images included), over this server's "
                                      f"limit of {self.max_prompt_tokens} (--max-prompt-tokens); send fewer images or "
                                      "less text")
-        return ChatRequest(Prompt(input_ids, pixel_values), params, stream)
+        return ChatRequest(Prompt(input_ids, pixel_values, sizes), params, stream)
 
     def submit(self, request: ChatRequest) -> Job:
         """Queue a request; call it from the event loop that will read the job. QueueFull / WorkerStopped when

@@ -4,6 +4,9 @@
   the transformers CLIP/SigLIP tower, `multi_modal_projector.linear_1/2` (-> mlp2x_gelu, or linear when
   written as Linear -> identity -> identity Linear), the language model and lm_head, the tokenizer and, when the
   export was llava-kit's, its inference settings (template, system prompt, image aspect).
+- llava-hf llava-next (`config.json` with model_type "llava_next", e.g. llava-hf/llava-v1.6-mistral-7b-hf or
+  `llava-kit export --format hf-llava-next`): the same parts, plus AnyRes from `image_grid_pinpoints` and the learned
+  `image_newline`; the tower then reads one view at a time with the LlavaNextImageProcessor's normalisation.
 - original LLaVA (`config.json` with `mm_projector_type`, weights with `model.mm_projector.*`): the LLM is the
   checkpoint minus the multimodal keys, the projector is `mm_projector` (same `0/2` keys as ours), the tower is
   `mm_vision_tower` (a hub id; pass `vision=DIR` for a local copy). `<image>` is added to the tokenizer with a
@@ -44,22 +47,35 @@ def _config(path: Path) -> dict:
 
 
 def checkpoint_kind(path: str | Path) -> str | None:
-    """"hf-llava", "original-llava" or None (not a LLaVA checkpoint directory)."""
+    """"hf-llava", "hf-llava-next", "original-llava" or None (not a LLaVA checkpoint directory)."""
     file = Path(path) / "config.json"
     if not file.is_file():
         return None
     config = json.loads(file.read_text())
     if config.get("model_type") == "llava" and "vision_config" in config:
         return "hf-llava"
+    if config.get("model_type") == "llava_next" and "vision_config" in config:
+        return "hf-llava-next"
     if "mm_projector_type" in config or "mm_vision_tower" in config:
         return "original-llava"
     return None
 
 
-def _tower_processor(path: str, vision_model, model_type: str):
-    from llava_kit.model.vision import TRANSFORMERS_FAMILIES, _load_square_processor
+def _tower_processor(path: str, vision_model, model_type: str, tiles: bool = False):
+    """The tower's image processor (whole image to its square input); `tiles`: a llava-next checkpoint, whose own
+    processor tiles, so the tower's is the family's processor with that one's normalisation."""
+    from llava_kit.model.vision import TRANSFORMERS_FAMILIES, _load_square_processor, _pil_variant
 
     _, processor_class, has_cls = TRANSFORMERS_FAMILIES[model_type]
+    if tiles:
+        saved_file = Path(path) / "preprocessor_config.json"
+        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+        side = vision_model.config.image_size
+        kept = {k: saved[k] for k in ("image_mean", "image_std", "resample", "do_rescale", "rescale_factor",
+                                      "do_normalize", "do_convert_rgb") if k in saved}
+        processor = _pil_variant(processor_class).from_dict({**kept, "size": {"height": side, "width": side},
+                                                             "do_center_crop": False})
+        return processor, has_cls
     processor = _load_square_processor(path, processor_class, vision_model.config.image_size)
     if getattr(processor, "do_pad", False):
         processor.do_pad = False  # llava-kit pads to square itself (settings.image_aspect)
@@ -104,14 +120,16 @@ def _causal_lm_around(text_config, decoder, lm_head):
 
 
 def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a llava-hf directory as (LlavaModel, tokenizer, InferenceSettings)."""
-    from transformers import LlavaForConditionalGeneration
+    """Load a llava-hf directory (llava or llava-next) as (LlavaModel, tokenizer, InferenceSettings)."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     from llava_kit.model.build import load_tokenizer
     from llava_kit.model.vision import TRANSFORMERS_FAMILIES, TransformersVisionTower
 
     path = Path(path)
-    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    is_next = checkpoint_kind(path) == "hf-llava-next"
+    model_class = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
+    hf = model_class.from_pretrained(path, dtype=dtype)
     config = hf.config
     vision_type = config.vision_config.model_type
     if vision_type not in TRANSFORMERS_FAMILIES:
@@ -120,7 +138,7 @@ def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32):
         raise CheckpointImportError(f"{path}: several vision feature layers {config.vision_feature_layer} (concatenated) "
                            "are not supported; llava-kit uses one layer")
     vision_model = hf.model.vision_tower
-    image_processor, has_cls = _tower_processor(str(path), vision_model, vision_type)
+    image_processor, has_cls = _tower_processor(str(path), vision_model, vision_type, tiles=is_next)
     strategy = config.vision_feature_select_strategy
     if strategy == "default" and not has_cls:
         raise CheckpointImportError(f"{path}: select strategy 'default' drops the first token of a {vision_type} tower, "
@@ -138,11 +156,29 @@ def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32):
     if image_token_id != config.image_token_id:
         raise CheckpointImportError(f"{path}: the tokenizer's {IMAGE_TOKEN!r} is id {image_token_id}, the config's "
                            f"image_token_id is {config.image_token_id}; llava-kit needs them to agree")
-    model = LlavaModel.from_parts(tower.to(dtype), projector.to(dtype), llm, image_token_id).eval()
+    anyres = _anyres_of(path, config, tower, projector) if is_next else None
+    model = LlavaModel.from_parts(tower.to(dtype), projector.to(dtype), llm, image_token_id, anyres).eval()
+    if is_next:
+        with torch.no_grad():
+            model.image_newline.copy_(hf.model.image_newline)
     if model.tokens_per_image != config.image_seq_length:
         logger.warning("%s: image_seq_length %d in config.json, the tower and strategy give %d (used)", path,
                        config.image_seq_length, model.tokens_per_image)
     return model, tokenizer, InferenceSettings(**_settings(path, tokenizer, text_config))
+
+
+def _anyres_of(path: Path, config, tower, projector):
+    """AnyRes of a llava-next checkpoint: its pinpoints on the tower's tiles, the projector's patch grid per view."""
+    from llava_kit.model.anyres import AnyRes, AnyResError
+
+    if tower.has_cls and tower.select_strategy == "full":
+        raise CheckpointImportError(f"{path}: select strategy 'full' keeps a CLS token per tile, which llava-next "
+                                    "cannot lay out on the image's grid either")
+    try:
+        return AnyRes.build(tower.image_size, config.image_grid_pinpoints, projector.num_output_tokens,
+                            projector.token_grid)
+    except AnyResError as err:
+        raise CheckpointImportError(f"{path}: image_grid_pinpoints {config.image_grid_pinpoints}: {err}") from None
 
 
 def _settings(path: Path, tokenizer, text_config) -> dict:
@@ -243,12 +279,12 @@ def load_original_llava(path: str | Path, vision: str | None = None, dtype: torc
 def load_checkpoint(path: str | Path, vision: str | None = None, dtype: torch.dtype = torch.float32):
     """Load a llava-hf or original LLaVA directory as (LlavaModel, tokenizer, InferenceSettings)."""
     kind = checkpoint_kind(path)
-    if kind == "hf-llava":
+    if kind in ("hf-llava", "hf-llava-next"):
         if vision:
             raise CheckpointImportError("--vision applies to original LLaVA checkpoints; a llava-hf directory "
                                         "carries its tower")
         return load_hf_llava(path, dtype)
     if kind == "original-llava":
         return load_original_llava(path, vision, dtype)
-    raise CheckpointImportError(f"{path} is neither a llava-hf directory (config.json model_type 'llava') nor an "
-                                "original LLaVA checkpoint (config.json with mm_projector_type)")
+    raise CheckpointImportError(f"{path} is neither a llava-hf directory (config.json model_type 'llava' or "
+                                "'llava_next') nor an original LLaVA checkpoint (config.json with mm_projector_type)")

@@ -11,6 +11,7 @@ differs and how to fix it, instead of training or chatting with features the LLM
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -30,7 +31,11 @@ from llava_kit.store.specs import (
     write_spec,
 )
 
+logger = logging.getLogger(__name__)
+
 PROJECTOR_WEIGHTS = "projector.safetensors"
+NEWLINE = "image_newline"
+"""AnyRes: the composite's learned row end, trained with the projector and saved beside its weights under this name."""
 
 
 def weights_fingerprint(tensors) -> str:
@@ -73,6 +78,7 @@ def describe_projector(model: LlavaModel, llm_source: str | None, template: str 
         name=getattr(projector, "name", None), options=dict(getattr(projector, "options", {})),
         vision_width=tower.width, llm_width=causal_lm_of(model.language_model).config.get_text_config().hidden_size,
         grid=list(tower.grid), has_cls=projector.has_cls, num_output_tokens=model.tokens_per_image,
+        image_strategy=model.anyres.to_dict() if model.anyres is not None else None,
         trained_with=Provenance(vision=tower.describe(), llm=llm_source, template=template, stage=stage,
                                 identity=base_identity(model, keep)))
 
@@ -134,7 +140,11 @@ def read_saved_projector(source_dir: str | Path) -> tuple[ProjectorSpec, dict[st
     if (source_dir / PROJECTOR_WEIGHTS).is_file():  # a run directory, or a merged directory of version 1
         return read_projector_spec(source_dir), load_file(str(source_dir / PROJECTOR_WEIGHTS))
     if (source_dir / MERGED_SPEC).is_file():  # a merged model: the projector's tensors inside model.safetensors
-        return read_projector_spec(source_dir), read_prefixed_weights(source_dir, "multi_modal_projector.")
+        state = read_prefixed_weights(source_dir, "multi_modal_projector.")
+        newline = read_prefixed_weights(source_dir, NEWLINE).get("")  # the tensor named exactly image_newline
+        if newline is not None:
+            state[NEWLINE] = newline
+        return read_projector_spec(source_dir), state
     raise PathNotFoundError(f"{source_dir / PROJECTOR_WEIGHTS} is missing; is {source_dir} a finished llava-kit run "
                             "(pretrain or sft) or a merged model?")
 
@@ -158,6 +168,7 @@ def load_projector(model: LlavaModel, source_dir: str | Path, template: str | No
                              f"{'; '.join(mismatches)}. Use the same model.vision, model.llm and template as that "
                              "run, or train a new projector (stage pretrain)")
     projector = model.multi_modal_projector
+    newline = state.pop(NEWLINE, None)
     built = {"name": getattr(projector, "name", None), "options": getattr(projector, "options", None)}
     differs = [f"{k}: saved {getattr(spec, k)!r}, this model {v!r}" for k, v in built.items()
                if v is not None and getattr(spec, k) != v]
@@ -169,3 +180,23 @@ def load_projector(model: LlavaModel, source_dir: str | Path, template: str | No
     except RuntimeError as err:  # e.g. weights edited by hand: say which run, not only which tensor
         raise ModelLoadError(f"the projector weights in {source_dir} do not fit this model's projector: {err}") \
             from None
+    _load_newline(model, newline, source_dir)
+
+
+def _load_newline(model: LlavaModel, newline: torch.Tensor | None, source_dir: Path) -> None:
+    """AnyRes: the saved image_newline, or (a projector trained at the fixed strategy, LLaVA-NeXT's pretrain) the
+    model's fresh one, trained from here on."""
+    if model.image_newline is None:
+        if newline is not None:
+            logger.info("%s holds an AnyRes image_newline; this model reads images at the fixed strategy and has none",
+                        source_dir)
+        return
+    if newline is None:
+        logger.info("the projector in %s was trained without AnyRes: image_newline starts fresh (normal, std "
+                    "1/sqrt(d)) and is trained with the projector", source_dir)
+        return
+    if newline.shape != model.image_newline.shape:
+        raise ModelLoadError(f"the image_newline in {source_dir} has shape {list(newline.shape)}, this model's "
+                             f"{list(model.image_newline.shape)}")
+    with torch.no_grad():
+        model.image_newline.copy_(newline)

@@ -1,7 +1,7 @@
 """What a run directory holds, written at the end of a run and read back by `llava_kit.loader`.
 
     RUN_DIR/config.yaml            the resolved config (everything needed to rebuild the base)
-    RUN_DIR/projector.safetensors  the projector's weights          (multimodal runs)
+    RUN_DIR/projector.safetensors  the projector's weights          (multimodal runs; AnyRes: + image_newline)
     RUN_DIR/projector.json         its spec and provenance          (multimodal runs)
     RUN_DIR/adapter/               peft LoRA adapter of the LLM     (LoRA / QLoRA runs)
     RUN_DIR/llm/                   the full LLM                     (full fine-tuning runs; text runs: + tokenizer)
@@ -22,7 +22,7 @@ from llava_kit.config import RunConfig
 from llava_kit.errors import ModelLoadError
 from llava_kit.model.llava import LlavaModel, causal_lm_of
 from llava_kit.model.weights import trained_names, whole_state_dict
-from llava_kit.store.projector_files import load_projector, projector_spec, save_projector
+from llava_kit.store.projector_files import NEWLINE, load_projector, projector_spec, save_projector
 
 RUN_CONFIG = "config.yaml"
 
@@ -37,6 +37,7 @@ def save_multimodal_run(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: s
     trainable = cfg.model.trainable
     spec = projector_spec(model, cfg, keep=writer)
     projector = whole_state_dict(model.multi_modal_projector, keep=writer)
+    projector.update(whole_state_dict(model, only={NEWLINE}, keep=writer))  # AnyRes: trained with the projector
     adapter = llm = vision = None
     if trainable.llm in ("lora", "qlora"):
         adapter = whole_state_dict(model.language_model, only=trained_names(model.language_model), keep=writer)

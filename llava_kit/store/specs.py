@@ -81,6 +81,9 @@ class ProjectorSpec(Spec):
     grid: list[int]
     has_cls: bool
     num_output_tokens: int
+    """Tokens per view (per image at the fixed strategy)."""
+    image_strategy: dict | None = None
+    """None: the fixed strategy; AnyRes: its settings (`AnyRes.to_dict()`), as the projector was trained."""
     trained_with: Provenance = Field(default_factory=Provenance)
 
 

@@ -57,7 +57,7 @@ class LlavaTrainer(Trainer):
             for name, param in model.named_parameters():
                 if not param.requires_grad:
                     continue
-                is_projector = name.startswith("multi_modal_projector.")
+                is_projector = name.startswith("multi_modal_projector.") or name == "image_newline"  # AnyRes
                 lr = self.projector_learning_rate if is_projector else self.args.learning_rate
                 weight_decay = self.args.weight_decay if name in decay else 0.0
                 groups.setdefault((lr, weight_decay), []).append(param)

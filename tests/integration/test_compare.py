@@ -17,8 +17,9 @@ def test_projectors_lists_every_design_with_tokens_and_parameters(capsys):
     assert main(["projectors", "--vision-width", "1024", "--grid", "24", "--llm-width", "4096"]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in out[1:]}
-    assert len(rows) == 14 and rows["linear"] == ["576", "4,198,400"]  # C*d + d
-    assert rows["mlp2x_gelu"] == ["576", "20,979,712"]  # LLaVA-1.5's ~21M
+    assert len(rows) == 14 and rows["linear"][:2] == ["576", "4,198,400"]  # C*d + d
+    assert rows["mlp2x_gelu"][:2] == ["576", "20,979,712"]  # LLaVA-1.5's ~21M
+    assert " ".join(rows["linear"][2:]) == "per tile, 24x24 grid"  # how AnyRes views reach it
     assert rows["pixel_shuffle"][0] == rows["tokenpacker"][0] == "144" and rows["qformer"][0] == "32"
     assert "refused:" in " ".join(rows["identity"])  # 1024 != 4096
 
@@ -111,3 +112,30 @@ def test_shipped_comparison_config_is_valid(tmp_path):
         pretrain = {"model": {"vision": {"name_or_path": "v"}, "llm": {"name_or_path": "l"}},
                     "data": {"path": "p.json", "image_root": "images"}}
         projector_run_configs(pretrain, pretrain, name, options, tmp_path, check_paths=False)
+
+
+def test_compare_projectors_runs_each_projector_per_image_strategy(tiny_dirs, tmp_path):
+    from llava_kit.compare import compare_projectors
+
+    config = _compare_config(tiny_dirs, tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["strategies"] = {"fixed": {}, "anyres": {"model": {"vision": {"image_strategy": "anyres",
+                                                                         "grid_pinpoints": "anyres_max_3"}},
+                                                  "data": {"max_seq_len": 512}}}
+    config.write_text(yaml.safe_dump(data))
+    results, report = compare_projectors(config, ["avgpool"], tmp_path / "anyres.md")
+    by_strategy = {r.strategy: r for r in results}
+    assert set(by_strategy) == {"fixed", "anyres"}
+    assert by_strategy["fixed"].visual_tokens == 16 and by_strategy["anyres"].visual_tokens > 16 + 2 * 5
+    text = report.read_text()
+    assert "| projector | image strategy | parameters | visual tokens per image |" in text
+    assert "| avgpool | anyres |" in text and "| avgpool | fixed |" in text
+    sft = yaml.safe_load((tmp_path / "compare" / "runs" / "anyres" / "avgpool" / "sft" / "config.yaml").read_text())
+    assert sft["model"]["vision"]["image_strategy"] == "anyres" and sft["data"]["max_seq_len"] == 512
+
+
+def test_shipped_anyres_comparison_config_is_valid():
+    from llava_kit.compare import load_compare_config
+
+    compare = load_compare_config(REPO / "configs/tiny/compare_anyres.yaml")
+    assert set(compare.strategies) == {"fixed", "anyres"} and compare.shapes["aspect"] == [2.0, 3.0]

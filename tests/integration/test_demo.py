@@ -67,3 +67,18 @@ def test_demo_learns_shapes_and_colours(tmp_path):
             assert answer.returncode == 0, answer.stderr[-2000:]
             right[kind] += score_answer(kind, answer.stdout.strip(), spec)
     assert right["color"] / len(images) >= 0.95 and right["shape"] / len(images) >= 0.80, right
+
+
+@pytest.mark.slow
+def test_wide_demo_runs_at_anyres(tmp_path):
+    """`llava-kit demo --task wide --quick`: wide canvases, AnyRes configs, the tower warmed up on the demo's own."""
+    result = run_cli("demo", "--workdir", str(tmp_path), "--quick", "--task", "wide")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("accuracy: ")
+    from llava_kit.config import load_config
+
+    sft = load_config(tmp_path / "configs" / "sft.yaml")
+    assert sft.model.vision.image_strategy == "anyres" and sft.model.projector.name == "avgpool"
+    records = [json.loads(line) for line in (tmp_path / "data" / "eval.jsonl").read_text().splitlines()]
+    assert all(max(r["width"], r["height"]) >= 1.98 * min(r["width"], r["height"]) for r in records)
+    assert (tmp_path / "warmup_data" / "pretrain.json").is_file()

@@ -75,6 +75,22 @@ def test_pretrain_two_processes_zero2_and_zero3_end_with_the_single_process_proj
 
 
 @pytest.mark.slow
+def test_anyres_pretrain_under_zero3_ends_with_the_single_process_projector_and_newline(tmp_path):
+    """AnyRes under ZeRO-3 with every weight partitioned: the tiles' views, image_newline (a parameter of the
+    composite itself, gathered for the forward pass and for saving) and the projector end as one process ends."""
+    config = "configs/tiny/pretrain.yaml"
+    anyres = ("model.vision.image_strategy=anyres", "model.vision.grid_pinpoints=anyres_max_3",
+              "model.projector.name=avgpool", "data.max_seq_len=512")
+    single = train(tmp_path / "single", config, *anyres)
+    zero3 = train(tmp_path / "zero3", config, *anyres, f"train.deepspeed={zero3_partitioning_everything(tmp_path)}",
+                  launcher="torchrun", processes=2)
+    assert zero3 == pytest.approx(single, abs=1e-3)
+    assert_same_tensors(tmp_path / "single" / "projector.safetensors", tmp_path / "zero3" / "projector.safetensors",
+                        atol=1e-5)
+    assert "image_newline" in load_file(str(tmp_path / "zero3" / "projector.safetensors"))
+
+
+@pytest.mark.slow
 def test_sft_lora_under_accelerate_launch_zero3_saves_the_whole_adapter(tmp_path):
     config = "configs/tiny/sft.yaml"
     single = train(tmp_path / "single", config)

@@ -175,3 +175,16 @@ def test_reference_answers_score_right_and_other_classes_wrong():
     assert answer_for("describe", RED_CIRCLE) == "A red circle on a light gray background."
     assert answer_for("shape", RED_CIRCLE) == "It is a circle."
     assert answer_for("color", RED_CIRCLE) == "The shape is red."
+
+
+def test_wide_canvases_keep_their_aspect_range_either_way():
+    import random
+
+    from llava_kit.demo.shapes import random_spec
+
+    rng = random.Random(0)
+    specs = [random_spec(rng, "star", "red", aspect=(2.0, 3.0)) for _ in range(200)]
+    ratios = [max(s.width, s.height) / min(s.width, s.height) for s in specs]
+    assert all(1.98 <= r <= 3.02 for r in ratios) and 96 <= min(min(s.width, s.height) for s in specs)
+    wide = sum(s.width > s.height for s in specs)
+    assert 60 < wide < 140  # wide and tall both
