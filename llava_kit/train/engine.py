@@ -25,6 +25,7 @@ from llava_kit.modality import modality_for_stage
 from llava_kit.model.trainable import check_qlora_available
 from llava_kit.train.checkpoints import check_checkpoint, latest_checkpoint, prepare_run_dir, remove_stale_staging
 from llava_kit.train.plots import plot_loss
+from llava_kit.train.progress import RunProgress
 from llava_kit.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,8 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=(PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id),
-        projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length)
+        projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length,
+        callbacks=[RunProgress(run_dir)])  # metrics.jsonl and progress.json as the run goes (the studio watches them)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     # Every process takes part in saving (ZeRO-3 gathers partitioned weights collectively); rank 0 writes.
