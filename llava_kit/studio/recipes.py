@@ -236,5 +236,7 @@ def fine_tune_config(base: Base, method: str, hyperparameters: dict, data_path: 
     data.update({"path": data_path, "format": "auto"})
     if STAGE_MODALITY.get(config["stage"]) != "text":
         data["image_root"] = image_root
-    echoed = apply_hyperparameters(config.setdefault("train", {}), hyperparameters)
+    train = config.setdefault("train", {})
+    echoed = apply_hyperparameters(train, hyperparameters)
+    train["logging_steps"] = 1  # every step's loss is an event of the job, as OpenAI reports them
     return config, echoed

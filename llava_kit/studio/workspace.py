@@ -22,6 +22,7 @@ A training job that succeeds gets a model name, `fine_tuned_model` (`ft:BASE:JOB
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from llava_kit.studio.runner import (
     read_progress,
     tail,
 )
-from llava_kit.studio.store import JobRecord, Store
+from llava_kit.studio.store import FileRecord, JobRecord, Store
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ class Studio:
             name = job.params.get("fine_tuned_model") or f"ft:{job.label or job.kind}:{job.id}"
             result = {"fine_tuned_model": name, "model_dir": str(model_dir),
                       "trained_tokens": read_progress(job.run_dir).get("trained_tokens")}
+            if job.kind == "fine-tune":
+                result["result_files"] = [self._results_file(job).id]
             self.store.add_event(job.id, f"New fine-tuned model created: {name}")
             self._announce(name, model_dir)
             return result
@@ -204,6 +207,21 @@ class Studio:
                 self.store.update_job(run_job.id, result={**run_job.result, "model_dir": job.steps[0][-1]})
             return {"model_dir": job.steps[0][-1]}
         return {}
+
+    def _results_file(self, job: JobRecord) -> FileRecord:
+        """A fine-tuning job's metrics as CSV (step, train_loss, learning_rate, epoch), like OpenAI's result file."""
+        file_id = Store.new_id("file")
+        path = self.root / "files" / file_id / "step_metrics.csv"
+        path.parent.mkdir(parents=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "train_loss", "learning_rate", "epoch"])
+            for m in read_metrics(job.run_dir):
+                if "loss" in m:
+                    writer.writerow([m.get("step"), m["loss"], m.get("learning_rate", ""), m.get("epoch", "")])
+        return self.store.add_file(FileRecord(id=file_id, filename=f"{job.id}-step_metrics.csv",
+                                              purpose="fine-tune-results", bytes=path.stat().st_size, path=str(path),
+                                              image_root=str(path.parent)))
 
     def _announce(self, name: str, model_dir: Path) -> None:
         for listener in self.on_model:
