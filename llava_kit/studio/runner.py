@@ -411,7 +411,11 @@ def tail(path: str | Path, lines: int = 200, max_bytes: int = 256 * 1024) -> lis
     except OSError:
         return []
     text = data.decode("utf-8", errors="replace").replace("\r", "\n")  # progress bars redraw with \r
-    return [line for line in text.split("\n") if line.strip()][-lines:]
+    kept = []
+    for line in text.split("\n"):
+        if line.strip() and (not kept or line != kept[-1]):  # a bar redrawn unchanged is one line
+            kept.append(line)
+    return kept[-lines:]
 
 
 def failure_reason(log_path: Path, code: int | None) -> str:

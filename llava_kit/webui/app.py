@@ -68,8 +68,9 @@ def build_webui(workers: Mapping[str, ModelWorker], settings: ServerSettings, st
     first, second = (names[0] if names else None), (names[min(1, len(names) - 1)] if names else None)
     # a studio adds multimodal models later: its page offers uploads before it has any model
     reads_images = any(worker.supports_images for worker in workers.values()) or studio is not None
-    with gr.Blocks(title="llava-kit chat", analytics_enabled=False) as page:
-        header = gr.Markdown(f"## llava-kit chat\n{_models_line(workers)}")
+    title = "llava-kit chat" if studio is None else "llava-kit studio"
+    with gr.Blocks(title=title, analytics_enabled=False) as page:
+        header = gr.Markdown(f"## {title}\n{_models_line(workers)}")
         with gr.Tab("Chat", elem_id="tab-chat") as chat_tab:
             model = gr.Dropdown(names, value=first, label="Model", visible=len(names) > 1 or studio is not None,
                                 elem_id="chat-model")
@@ -180,7 +181,7 @@ def build_webui(workers: Mapping[str, ModelWorker], settings: ServerSettings, st
             def keep(value, fallback):
                 return gr.Dropdown(choices=now, value=value if value in now else fallback)
 
-            return (f"## llava-kit chat\n{_models_line(workers)}", keep(chosen, now[0] if now else None),
+            return (f"## {title}\n{_models_line(workers)}", keep(chosen, now[0] if now else None),
                     keep(chosen_a, now[0] if now else None), keep(chosen_b, now[min(1, len(now) - 1)] if now else None))
 
         listing = [model, model_a, model_b]

@@ -38,7 +38,8 @@ from llava_kit.webui.train_form import (
     source_path,
 )
 
-TICK_S = 1.0
+TICK_S = 0.5
+"""Seconds between the Train page's looks at its run (the Runs and Compare pages look half as often)."""
 LOG_LINES = 40
 RUN_COLUMNS = ["id", "kind", "label", "status", "step", "loss", "model", "created", "duration_s", "error"]
 DEFAULT_RECIPE = "tiny-shapes-pretrain"
@@ -82,7 +83,7 @@ def _train_tab(studio: Studio) -> None:
             max_seq_len = gr.Number(start["max_seq_len"], precision=0, label="max_seq_len")
         preview_button = gr.Button("Preview data", elem_id="train-preview")
         data_summary = gr.Markdown(elem_id="train-data-summary")
-        data_preview = gr.JSON(label="First records", visible=False, elem_id="train-data-preview")
+        data_preview = gr.Markdown(elem_id="train-data-preview")
         with gr.Accordion("Trainability, LoRA and DeepSpeed", open=False):
             with gr.Row():
                 llm_trainable = gr.Dropdown(["frozen", "lora", "qlora", "full"], value=start["llm_trainable"],
@@ -95,7 +96,7 @@ def _train_tab(studio: Studio) -> None:
             with gr.Row():
                 max_steps = gr.Number(start["max_steps"], precision=0, label="Max steps (-1: epochs decide)",
                                       elem_id="train-max-steps")
-                num_epochs = gr.Number(start["num_epochs"], label="Epochs")
+                num_epochs = gr.Number(start["num_epochs"], label="Epochs", elem_id="train-epochs")
                 micro_batch_size = gr.Number(start["micro_batch_size"], precision=0, label="Micro-batch")
                 accumulation = gr.Number(start["gradient_accumulation_steps"], precision=0,
                                          label="Gradient accumulation")
@@ -131,19 +132,19 @@ def _train_tab(studio: Studio) -> None:
 
     async def preview(path: str, root: str, fmt: str, chosen_stage: str):
         if not path.strip():
-            return "Give a data file first.", gr.JSON(visible=False)
+            return "Give a data file first.", ""
         first = path.split(",")[0].strip()
         try:
             summary = await anyio.to_thread.run_sync(inspect_data, source_path(first),
                                                      resolve_image_root(first, root), fmt)
         except LlavaKitError as err:
-            return f"**Data check:** {err}", gr.JSON(visible=False)
+            return f"**Data check:** {err}", ""
         verdict = ""
         try:
             check_data_fits(summary.to_dict(), chosen_stage, "the data")
         except LlavaKitError as err:  # readable, but not for this stage
             verdict = f"\n\n**Not for stage {chosen_stage}:** {err}"
-        return f"**Data check:** {summary.describe()}{verdict}", gr.JSON(summary.preview, visible=True)
+        return f"**Data check:** {summary.describe()}{verdict}", _preview_markdown(summary.preview)
 
     async def start_run(*values):
         form_values = dict(zip(FIELDS, values, strict=True))
@@ -152,7 +153,7 @@ def _train_tab(studio: Studio) -> None:
             job = await anyio.to_thread.run_sync(
                 lambda: studio.submit_train(config, label=(form_values["label"] or "").strip()))
         except LlavaKitError as err:
-            return f"**Not started:** {err}".replace("\n", "  \n"), gr.skip()
+            return f"**Not started:**\n~~~~text\n{err}\n~~~~", gr.skip()
         return f"Queued **{job.id}** ({job.label}).", job.id
 
     def follow(job_id: str | None, last):
@@ -171,6 +172,19 @@ def _train_tab(studio: Studio) -> None:
     start_button.click(start_run, form, [status, current])
     timer = gr.Timer(TICK_S)
     timer.tick(follow, [current, shown], [status, plot, log, shown], show_progress="hidden", concurrency_limit=None)
+
+
+def _preview_markdown(preview: list[dict]) -> str:
+    """The first records as the page shows them: each in a code block (so `<image>` and markup show as written)."""
+    parts = ["**First records**"]
+    for record in preview:
+        images = f" · images: {', '.join(record['images'])}" if record.get("images") else ""
+        if "text" in record:
+            body = record["text"]
+        else:
+            body = "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+        parts.append(f"`{record['source']}`{images}\n~~~~text\n{body.replace('~~~~', '~ ~ ~ ~')}\n~~~~")
+    return "\n\n".join(parts)
 
 
 def _recipe_config(name: str) -> dict:
@@ -256,7 +270,7 @@ def _runs_tab(studio: Studio) -> None:
     chosen.change(refresh, [chosen, gr.State(None)], outputs, show_progress="hidden")
     for button, name in ((cancel, "cancel"), (resume, "resume"), (merge, "merge"), (export, "export")):
         button.click(action(name), chosen, details)
-    gr.Timer(2 * TICK_S).tick(refresh, [chosen, shown], outputs, show_progress="hidden", concurrency_limit=None)
+    gr.Timer(4 * TICK_S).tick(refresh, [chosen, shown], outputs, show_progress="hidden", concurrency_limit=None)
 
 
 def _runs_frame(studio: Studio) -> pd.DataFrame:
@@ -269,8 +283,8 @@ def _job_ids(studio: Studio) -> list[str]:
 
 
 def _details(studio: Studio, job) -> str:
-    lines = [_job_line(studio, job), "",
-             f"kind {job.kind} · steps: " + " → ".join(f"`llava-kit {' '.join(s[:2])} ...`" for s in job.steps)]
+    lines = [_job_line(studio, job), "", f"kind {job.kind} · " + " → ".join(f"`llava-kit {' '.join(step)}`"
+                                                                      for step in job.steps)]
     if job.run_dir:
         lines.append(f"run directory `{job.run_dir}`")
     if job.result.get("model_dir"):
@@ -330,7 +344,7 @@ def _compare_tab(studio: Studio) -> None:
 
     run.click(start, [config, projectors], [status, chosen])
     chosen.change(show, [chosen, gr.State(None)], [status, table, figure, shown])
-    gr.Timer(2 * TICK_S).tick(show, [chosen, shown], [status, table, figure, shown], show_progress="hidden",
+    gr.Timer(4 * TICK_S).tick(show, [chosen, shown], [status, table, figure, shown], show_progress="hidden",
                               concurrency_limit=None)
 
 
