@@ -68,8 +68,13 @@ def create_app(workers: Mapping[str, ModelWorker], settings: ServerSettings, ope
 
     for router in routers:
         app.include_router(router, dependencies=[Depends(_key_check(settings.api_key))])
+    included = [*routers, openai_router(workers, settings)] if openai_api else list(routers)
     if openai_api:
-        app.include_router(openai_router(workers, settings))
+        app.include_router(included[-1])
+    # what a 404 lists: every route but the catch-all
+    app.state.route_names = sorted({f"{method} {route.path}" for router in included for route in router.routes
+                                    if "{path" not in route.path for method in getattr(route, "methods", ())}
+                                   | {"GET /health"})
     return app
 
 
@@ -87,9 +92,7 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
 
 async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     if err.status_code == 404:
-        routes = ", ".join(sorted({f"{method} {route.path}" for route in request.app.routes
-                                   if route.path.startswith(("/v1/", "/health")) and "{path" not in route.path
-                                   for method in getattr(route, "methods", ()) if method != "HEAD"}))
+        routes = ", ".join(request.app.state.route_names)
         return _error_response(404, f"no route {request.method} {request.url.path}; this server has {routes}",
                                code="not_found")
     return _error_response(err.status_code, str(err.detail), headers=getattr(err, "headers", None))

@@ -110,9 +110,9 @@ def _recipe_base(name: str) -> Base:
                      "its initialisation")
         model["init_from"] = None
     train = config.setdefault("train", {})
-    deepspeed = train.get("deepspeed")
-    if deepspeed and not Path(deepspeed).is_file() and (configs_dir().parent / deepspeed).is_file():
-        train["deepspeed"] = str(configs_dir().parent / deepspeed)  # recipes name it from the source tree's root
+    if train.get("deepspeed"):  # recipes name it from the source tree's root; jobs may run elsewhere
+        found = [p for p in (Path(train["deepspeed"]), configs_dir().parent / train["deepspeed"]) if p.is_file()]
+        train["deepspeed"] = str(found[0].resolve()) if found else train["deepspeed"]
     return Base(name, config, notes)
 
 
