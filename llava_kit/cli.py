@@ -187,6 +187,14 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_submit(args: argparse.Namespace) -> int:
+    studio = _open_studio(args.studio)
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
+    job = studio.submit_command(command, label=args.label or "")
+    print(job.id, file=args.results)
+    return 0
+
+
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     from llava_kit.studio.runner import cancel_job
 
@@ -506,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     j = jobs_parser("show", "a job's details, its events and the end of its log", cmd_jobs_show)
     j.add_argument("--events", type=int, default=20, help="how many of its latest events (default 20)")
     j.add_argument("--log", type=int, default=20, help="how many of its log's last lines (default 20; 0: none)")
+    j = jobs_parser("submit", "queue a llava-kit command as a job (train, merge, export, compare-projectors, eval, "
+                              "caption); it runs in this folder once a `serve --studio` runs the queue; prints its id",
+                    cmd_jobs_submit, with_id=False)
+    j.add_argument("--label", help="what lists call it (default: the command, or a train run's directory name)")
+    j.add_argument("job_command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                   help="the llava-kit command and its arguments, e.g. eval --model m --data q.jsonl --image-root img")
     j = jobs_parser("cancel", "cancel a queued or running job (SIGTERM to its processes, SIGKILL after --grace)",
                     cmd_jobs_cancel)
     j.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")

@@ -239,7 +239,8 @@ class Runner:
             log.write(f"\n=== step {step + 1}/{len(job.steps)}: llava-kit {shlex.join(args)}\n".encode())
             log.flush()
             popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     start_new_session=True, cwd=job.cwd or None,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return _Process(popen.pid, process_start_time(popen.pid) or time.time(), step, popen)
 
     def _step_ended(self, job: JobRecord, process: _Process) -> None:

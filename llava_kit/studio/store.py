@@ -49,6 +49,7 @@ MIGRATIONS = [
         pid INTEGER,                   -- the running step's process and its start time (the same pid, later, may be
         pid_started REAL,              -- another process)
         run_dir TEXT,
+        cwd TEXT,                      -- the folder its commands run in (relative paths in them are from there)
         error TEXT,
         metrics_seen INTEGER NOT NULL DEFAULT 0,
         params TEXT NOT NULL DEFAULT '{}',
@@ -106,6 +107,8 @@ class JobRecord:
     pid_started: float | None = None
     run_dir: str | None = None
     """The run directory a training job writes (its metrics, progress and loss plot are read from there)."""
+    cwd: str | None = None
+    """The folder its commands run in (None: the server's); relative paths in its arguments are from there."""
     error: str | None = None
     """Why it failed or was cancelled."""
     metrics_seen: int = 0

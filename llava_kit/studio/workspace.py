@@ -4,6 +4,7 @@
     studio.start(max_jobs=1)                               # in a server: run the queue (re-attaching to running jobs)
     job = studio.submit_train(config_dict, label="shapes") # a run of any stage, into STUDIO/runs/ID
     studio.merge(job.id); studio.export(job.id); studio.resume(job.id); studio.cancel(job.id)
+    studio.submit_command(["eval", "--model", "m", "--data", "q.jsonl", "--image-root", "img"])   # any command
     studio.fine_tuned_models()                             # {"ft:shapes:job-...": STUDIO/models/job-...}
     studio.close()                                         # running jobs keep running
 
@@ -44,7 +45,9 @@ from llava_kit.studio.store import FileRecord, JobRecord, Store
 logger = logging.getLogger(__name__)
 
 TRAINING_KINDS = ("train", "fine-tune")
-KINDS = ("train", "fine-tune", "merge", "export", "compare-projectors", "eval", "caption")
+COMMANDS = ("train", "merge", "export", "compare-projectors", "eval", "caption")
+"""The llava-kit commands a job may run."""
+KINDS = ("fine-tune", *COMMANDS)
 
 
 class Studio:
@@ -171,6 +174,31 @@ class Studio:
             args += ["--projectors", ",".join(projectors)]
         return self.submit(JobRecord(id=new_id, kind="compare-projectors", label=source.stem, steps=[args],
                                      params={"config": str(source), "projectors": projectors or []}))
+
+    def submit_command(self, args: list[str], cwd: str | Path | None = None, label: str = "") -> JobRecord:
+        """Queue any llava-kit command of COMMANDS as a job (`["eval", "--model", "m", ...]`), run in `cwd` (default:
+        this process's folder). A `train` command's config is checked now, and its run is followed like the Train
+        page's (its output_dir is the job's run directory)."""
+        if not args or args[0] not in COMMANDS:
+            raise UsageError(f"a job runs one of the llava-kit commands {', '.join(COMMANDS)}; got "
+                             f"{' '.join(args[:1]) or 'nothing'}")
+        cwd = Path(cwd or Path.cwd()).resolve()
+        run_dir, params = None, {}
+        if args[0] == "train":
+            from llava_kit.config import load_config
+
+            overrides = [a for a in args[2:] if "=" in a and not a.startswith("-")]
+            if len(args) < 2 or not (cwd / args[1]).is_file():
+                raise UsageError(f"`train` needs a config file; {' '.join(args[1:2]) or 'none'} is not one (from "
+                                 f"{cwd})")
+            cfg = load_config(cwd / args[1], overrides)
+            run_dir = str((cwd / cfg.output_dir).resolve())
+            label = label or Path(run_dir).name
+        job_id = Store.new_id("job")
+        if run_dir:
+            params["fine_tuned_model"] = f"ft:{label}:{job_id}"
+        return self.submit(JobRecord(id=job_id, kind=args[0], label=label or args[0], steps=[list(args)],
+                                     run_dir=run_dir, cwd=str(cwd), params=params))
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued or running job (UsageError when it has ended)."""

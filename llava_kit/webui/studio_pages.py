@@ -12,6 +12,7 @@ holds no state a server restart would lose, and several pages can watch one job.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import anyio
@@ -229,6 +230,11 @@ def _runs_tab(studio: Studio) -> None:
             resume = gr.Button("Resume", elem_id="runs-resume")
             merge = gr.Button("Merge", elem_id="runs-merge")
             export = gr.Button("Export (hf-llava)", elem_id="runs-export")
+        with gr.Row():
+            command = gr.Textbox(label="Run a llava-kit command as a job (train, merge, export, compare-projectors, "
+                                       "eval, caption)", placeholder="eval --model DIR --data q.jsonl --image-root img",
+                                 elem_id="runs-command", scale=5)
+            run_command = gr.Button("Run as a job", elem_id="runs-run-command", scale=1)
         details = gr.Markdown(elem_id="runs-details")
         plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=240,
                            elem_id="runs-loss")
@@ -265,7 +271,15 @@ def _runs_tab(studio: Studio) -> None:
                 f"{name.capitalize()}: queued **{job.id}**."
         return run
 
+    async def submit(text: str):
+        try:
+            job = await anyio.to_thread.run_sync(lambda: studio.submit_command(shlex.split(text)))
+        except (LlavaKitError, ValueError) as err:  # ValueError: shlex's unbalanced quotes
+            return f"**Not started:**\n~~~~text\n{err}\n~~~~", gr.skip()
+        return f"Queued **{job.id}** ({job.kind}).", job.id
+
     outputs = [table, chosen, details, plot, log, shown]
+    run_command.click(submit, command, [details, chosen])
     table.select(pick, None, chosen)
     chosen.change(refresh, [chosen, gr.State(None)], outputs, show_progress="hidden")
     for button, name in ((cancel, "cancel"), (resume, "resume"), (merge, "merge"), (export, "export")):

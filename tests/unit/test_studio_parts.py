@@ -217,3 +217,23 @@ def test_jobs_list_show_and_cancel_from_the_command_line(tmp_path, capsys):
     assert code == 2 and "no studio in" in err
     code, _, err = run_cli(capsys, "serve")
     assert code == 2 and "give the model(s) to serve (--model DIR), or --studio" in err
+
+
+def test_any_llava_kit_command_can_be_queued_as_a_job(tmp_path, capsys, monkeypatch):
+    from llava_kit.errors import UsageError
+
+    studio = Studio(tmp_path / "studio")
+    with pytest.raises(UsageError, match="one of the llava-kit commands train, merge, export"):
+        studio.submit_command(["rm", "-rf", "/"])
+    config = tmp_path / "cfg.yaml"
+    config.write_text((configs_dir() / "tiny" / "pretrain.yaml").read_text().replace(
+        "assets/", str(configs_dir().parent / "assets") + "/"))
+    job = studio.submit_command(["train", "cfg.yaml", "output_dir=runs/mine"], cwd=tmp_path)
+    assert (job.kind, job.label, job.cwd) == ("train", "mine", str(tmp_path))
+    assert job.run_dir == str(tmp_path / "runs" / "mine") and job.params["fine_tuned_model"] == f"ft:mine:{job.id}"
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(capsys, "jobs", "submit", "--studio", str(studio.root), "--", "eval", "--model", "m",
+                           "--data", "q.jsonl", "--image-root", "img")
+    queued = studio.store.job(out.strip())
+    assert code == 0 and queued.steps == [["eval", "--model", "m", "--data", "q.jsonl", "--image-root", "img"]]
+    assert queued.cwd == str(tmp_path) and queued.status == "queued"
