@@ -166,7 +166,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     job = studio.store.job(args.job_id)
     summary = studio.job_summary(job)
     out = args.results
-    for key in ("id", "kind", "label", "status", "step", "loss", "model", "created", "duration_s"):
+    for key in ("id", "kind", "label", "status", "step", "loss", "model", "created", "seconds"):
         if summary[key] not in (None, ""):
             print(f"{key}: {summary[key]}", file=out)
     for i, step in enumerate(job.steps):

@@ -184,6 +184,7 @@ def studio_screenshots(studio_dir: Path, output: Path) -> list[Path]:
         with sync_playwright() as playwright:
             browser = launch(playwright, find_chromium())
             page = open_page(browser, server.url.removesuffix("/v1") + "/", height=1000)
+            page.get_by_role("tab", name="Train").click()
             page.click("#train-preview")
             page.wait_for_function("document.querySelector('#train-data-summary').innerText.includes('can be trained')")
             job_id = start_training(page, max_steps=30)

@@ -279,7 +279,7 @@ class Studio:
                 "loss": round(losses[-1], 4) if losses else None,
                 "model": job.result.get("fine_tuned_model", ""),
                 "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
-                "duration_s": round(end - job.started_at) if end and job.started_at else None,
+                "seconds": round(end - job.started_at) if end and job.started_at else None,
                 "error": (job.error or "").splitlines()[0] if job.error else ""}
 
     def log_tail(self, job_id: str, lines: int = 200) -> str:

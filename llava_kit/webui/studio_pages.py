@@ -41,8 +41,9 @@ from llava_kit.webui.train_form import (
 
 TICK_S = 0.5
 """Seconds between the Train page's looks at its run (the Runs and Compare pages look half as often)."""
-LOG_LINES = 40
-RUN_COLUMNS = ["id", "kind", "label", "status", "step", "loss", "model", "created", "duration_s", "error"]
+LOG_LINES = 12
+"""Lines of a job's log the pages show (its end: the full log is STUDIO/jobs/ID/log.txt)."""
+RUN_COLUMNS = ["id", "kind", "label", "status", "step", "loss", "model", "created", "seconds", "error"]
 DEFAULT_RECIPE = "tiny-shapes-pretrain"
 COMPARE_CONFIG = "tiny/compare_projectors.yaml"
 
@@ -112,7 +113,7 @@ def _train_tab(studio: Studio) -> None:
         status = gr.Markdown("No run started from this page yet.", elem_id="train-status")
         plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=280,
                            elem_id="train-loss")
-        log = gr.Textbox(label="Log (its end)", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
+        log = gr.Textbox(label="Log (its end)", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="train-log")
         current = gr.State(None)  # the job started from this page
         shown = gr.State(None)  # what the plot shows (job, points), so an unchanged plot is not sent again
 
@@ -238,7 +239,7 @@ def _runs_tab(studio: Studio) -> None:
         details = gr.Markdown(elem_id="runs-details")
         plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=240,
                            elem_id="runs-loss")
-        log = gr.Textbox(label="Log (its end)", lines=12, max_lines=12, autoscroll=True, elem_id="runs-log")
+        log = gr.Textbox(label="Log (its end)", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="runs-log")
         shown = gr.State(None)
 
     def refresh(job_id: str | None, last):
