@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from llava_kit.errors import LlavaKitError, PathNotFoundError, UsageError
@@ -75,23 +76,47 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from llava_kit.schema import parse_arguments
     from llava_kit.serve.settings import ServerSettings, parse_models
+    from llava_kit.studio.settings import StudioSettings
 
     settings = parse_arguments(ServerSettings, args, api_key=args.api_key or os.environ.get("LLAVA_KIT_API_KEY"))
-    models = parse_models(args.model, settings.model_name)
+    studio_settings = parse_arguments(StudioSettings, args)
+    if not args.model and not studio_settings.studio:
+        raise UsageError("give the model(s) to serve (--model DIR), or --studio [DIR] to train models and serve them")
+    models = parse_models(args.model, settings.model_name) if args.model else []
     for _, path in models:
         _existing(path, "--model", "directory", MODEL_DIR_HINT)
-    setup = None
+    mount_webui = None
     if settings.webui:
         try:
             from llava_kit.webui import mount_webui
-
-            setup = mount_webui
         except ImportError as err:
-            logging.getLogger(__name__).warning("the web chat is off: %s; install it with pip install "
+            logging.getLogger(__name__).warning("the web UI is off: %s; install it with pip install "
                                                 "'llava-kit[webui]' (or pass --no-webui)", err)
     from llava_kit.serve.server import serve
 
-    serve(models, settings, trust_remote_code=args.trust_remote_code, setup=setup)
+    studio, routers = None, []
+    if studio_settings.studio:
+        from llava_kit.studio import Studio
+        from llava_kit.studio.api import studio_router
+
+        studio = Studio(studio_settings.studio).start(studio_settings.max_jobs)
+        routers.append(studio_router(studio, studio_settings))
+        logging.getLogger(__name__).info("studio %s: running up to %d job(s) at once", studio.root,
+                                         studio_settings.max_jobs)
+
+    def setup(app) -> None:
+        if studio is not None:
+            from llava_kit.studio.models import serve_fine_tuned_models
+
+            serve_fine_tuned_models(studio, app.state.workers, settings)
+        if mount_webui is not None:
+            mount_webui(app, studio)
+
+    try:
+        serve(models, settings, trust_remote_code=args.trust_remote_code, setup=setup, routers=routers)
+    finally:
+        if studio is not None:
+            studio.close()  # its running jobs go on; the next `serve --studio` re-attaches to them
     return 0
 
 
@@ -111,6 +136,71 @@ def cmd_webui(args: argparse.Namespace) -> int:
     from llava_kit.serve.server import serve
 
     serve(models, settings, trust_remote_code=args.trust_remote_code, setup=mount_webui, openai_api=False)
+    return 0
+
+
+def _open_studio(path: str):
+    from llava_kit.studio import Studio
+
+    if not (Path(path).expanduser() / "studio.db").is_file():
+        raise PathNotFoundError(f"no studio in {path!r}; `llava-kit serve --studio {path}` makes one (give "
+                                "--studio DIR for another folder)")
+    return Studio(path)
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    studio = _open_studio(args.studio)
+    jobs = studio.store.jobs(tuple(args.status) or None, limit=None if args.all else 20)
+    columns = ("id", "kind", "status", "step", "loss", "label", "model", "created")
+    rows = [[str(summary[c] if summary[c] is not None else "") for c in columns]
+            for summary in map(studio.job_summary, jobs)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    for row in [list(columns), *rows]:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip(),
+              file=args.results)
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    studio = _open_studio(args.studio)
+    job = studio.store.job(args.job_id)
+    summary = studio.job_summary(job)
+    out = args.results
+    for key in ("id", "kind", "label", "status", "step", "loss", "model", "created", "seconds"):
+        if summary[key] not in (None, ""):
+            print(f"{key}: {summary[key]}", file=out)
+    for i, step in enumerate(job.steps):
+        print(f"step {i + 1}: llava-kit {' '.join(step)}", file=out)
+    if job.run_dir:
+        print(f"run_dir: {job.run_dir}", file=out)
+    if job.result.get("model_dir"):
+        print(f"model_dir: {job.result['model_dir']}", file=out)
+    if job.error:
+        print(f"error: {job.error}", file=out)
+    print("events:", file=out)
+    for event in studio.store.events(job.id, limit=args.events)[::-1]:
+        when = time.strftime("%H:%M:%S", time.localtime(event.created_at))
+        print(f"  {when} {event.level:5} {event.message}", file=out)
+    if args.log:
+        print(f"log ({studio.log_path(job.id)}, its last {args.log} lines):", file=out)
+        print(studio.log_tail(job.id, args.log), file=out)
+    return 0
+
+
+def cmd_jobs_submit(args: argparse.Namespace) -> int:
+    studio = _open_studio(args.studio)
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
+    job = studio.submit_command(command, label=args.label or "")
+    print(job.id, file=args.results)
+    return 0
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    from llava_kit.studio.runner import cancel_job
+
+    studio = _open_studio(args.studio)
+    job = cancel_job(studio.store, args.job_id, grace_s=args.grace)
+    print(f"{job.id}: {job.status}", file=args.results)
     return 0
 
 
@@ -321,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llava_kit.schema import add_arguments
     from llava_kit.serve.settings import CLI_FIELDS as SERVE_FIELDS
     from llava_kit.serve.settings import WEBUI_FIELDS, WEBUI_PORT, ServerSettings
+    from llava_kit.studio.settings import SERVE_FIELDS as STUDIO_FIELDS
+    from llava_kit.studio.settings import StudioSettings, default_studio_dir
+    from llava_kit.studio.store import STATUSES
 
     parser = argparse.ArgumentParser(
         prog="llava-kit",
@@ -403,14 +496,48 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image_url parts (data URLs), streaming (SSE) or not; greedy by default, so "
                                    "answers equal `llava-kit chat --prompt`. Concurrent requests are queued and "
                                    "batched. The web chat is at / (--no-webui: the API alone). Ctrl-C stops it.")
-    p.add_argument("--model", required=True, action="append", metavar="[NAME=]DIR",
+    p.add_argument("--model", action="append", metavar="[NAME=]DIR",
                    help="a merged model directory or a run directory; repeat for several models, each named by its "
-                        "directory or NAME= (requests choose one by `model`)")
+                        "directory or NAME= (requests choose one by `model`); optional with --studio")
     add_arguments(p, ServerSettings, SERVE_FIELDS, options={"webui": {
         "flags": ("--no-webui",), "action": "store_false", "type": None, "choices": None,
-        "help": "serve the API alone, without the web chat at /"}})
+        "help": "serve the API alone, without the web UI at /"}})
+    add_arguments(p, StudioSettings, STUDIO_FIELDS, options={"studio": {
+        "nargs": "?", "const": default_studio_dir(), "metavar": "DIR"}})
     _add_trust_remote_code(p)
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("jobs", help="the training studio's jobs: list, show, cancel (`serve --studio` runs them)",
+                       description="Jobs of a training studio (a folder: `llava-kit serve --studio DIR` runs its "
+                                   "queue; the web UI's Train page and the fine-tuning API add to it).")
+    jobs_sub = p.add_subparsers(dest="jobs_command", metavar="JOBS_COMMAND")
+
+    def jobs_parser(name: str, help_text: str, handler, with_id: bool = True) -> argparse.ArgumentParser:
+        j = jobs_sub.add_parser(name, help=help_text, description=help_text)
+        if with_id:
+            j.add_argument("job_id", help="a job id (`llava-kit jobs list`)")
+        j.add_argument("--studio", default=default_studio_dir(),
+                       help="the studio folder (default: %(default)s)")
+        j.set_defaults(handler=handler)
+        return j
+
+    j = jobs_parser("list", "list the jobs, newest first: id, kind, status, step, loss, model", cmd_jobs_list,
+                    with_id=False)
+    j.add_argument("--status", action="append", default=[], choices=STATUSES, help="only jobs in this status "
+                                                                                   "(repeatable)")
+    j.add_argument("--all", action="store_true", help="every job (default: the newest 20)")
+    j = jobs_parser("show", "a job's details, its events and the end of its log", cmd_jobs_show)
+    j.add_argument("--events", type=int, default=20, help="how many of its latest events (default 20)")
+    j.add_argument("--log", type=int, default=20, help="how many of its log's last lines (default 20; 0: none)")
+    j = jobs_parser("submit", "queue a llava-kit command as a job (train, merge, export, compare-projectors, eval, "
+                              "caption); it runs in this folder once a `serve --studio` runs the queue; prints its id",
+                    cmd_jobs_submit, with_id=False)
+    j.add_argument("--label", help="what lists call it (default: the command, or a train run's directory name)")
+    j.add_argument("job_command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                   help="the llava-kit command and its arguments, e.g. eval --model m --data q.jsonl --image-root img")
+    j = jobs_parser("cancel", "cancel a queued or running job (SIGTERM to its processes, SIGKILL after --grace)",
+                    cmd_jobs_cancel)
+    j.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
 
     p = sub.add_parser("webui", help="web chat in a browser: images, streamed answers, two models side by side",
                        description="A Gradio chat page for one or more models: upload images, ask, read the "
@@ -551,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     except LlavaKitError as err:  # anything else is a bug: its traceback shows (exit 1)
         if os.environ.get("LLAVA_KIT_DEBUG"):
             raise
-        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None),
+                                         getattr(args, "jobs_command", None))))
         print(f"llava-kit {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,12 +1,15 @@
-"""Screenshots of the web chat for the README, and the browser driver its tests share.
+"""Screenshots of the web UI for the README, and the browser driver its tests share.
 
     .venv/bin/python scripts/screenshots.py --model sft=demo_workdir/merged --model pretrain=demo_workdir/runs/pretrain \\
         --image demo_workdir/data/images/eval/000000.png -o docs/
+    .venv/bin/python scripts/screenshots.py --studio /tmp/studio -o docs/      # the studio's Train and Runs pages
 
 Serves the models with the web chat (as `llava-kit serve` does), opens it in the system's chromium (headless,
 driven by Playwright), asks about the image in the Chat tab and in the Side-by-side tab, and saves
-`webui-chat.png` and `webui-side-by-side.png`. tests/integration/test_webui_browser.py drives the page with the
-same functions.
+`webui-chat.png` and `webui-side-by-side.png`. With --studio it serves a studio instead (`serve --studio`), starts a
+tiny run from the Train page (the tiny-shapes-pretrain recipe) and saves `studio-train.png` once the run has ended and
+`studio-runs.png`. tests/integration/test_webui_browser.py and test_studio_browser.py drive the pages with the same
+functions.
 """
 
 from __future__ import annotations
@@ -117,15 +120,106 @@ def streamed_pieces(page) -> list[str]:
     return pieces
 
 
+# ---------------------------------------------------------------------------------------------- the studio's pages
+
+def start_training(page, max_steps: int, logging_steps: int = 1) -> str:
+    """On the Train page (its recipe's values as they are): set the steps, start the run; returns the job's id."""
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-start")
+    page.fill("#train-max-steps input", str(max_steps))
+    page.fill("#train-logging-steps input", str(logging_steps))
+    page.click("#train-start")
+    # the id as soon as the status names it (the page's timer soon rewrites the line, with the id still in it)
+    return page.wait_for_function(
+        "(() => { const m = document.querySelector('#train-status').innerText.match(/\\b(job-[0-9a-f]{12})\\b/);"
+        " return m && m[1]; })()", polling=50).json_value()
+
+
+def plotted_points(page, plot: str) -> int:
+    """How many points the line plot `plot` (an elem_id) draws (Vega draws one hover symbol per point)."""
+    return page.evaluate(f"document.querySelectorAll('#{plot} .mark-symbol path').length")
+
+
+def follow_plot(page, plot: str, status: str, until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+                timeout_s: float = 600) -> list[int]:
+    """Watch the plot `plot` until the Markdown `status` (elem_ids) says one of `until`; returns each point count
+    the plot showed, in order (so a test sees it grow while the run trains)."""
+    counts, deadline = [], time.monotonic() + timeout_s
+    while True:
+        count = plotted_points(page, plot)
+        if not counts or count != counts[-1]:
+            counts.append(count)
+        text = page.inner_text(f"#{status}")
+        if any(f": {word}" in text for word in until):
+            page.wait_for_timeout(1500)  # the last tick's plot
+            count = plotted_points(page, plot)
+            return counts if count == counts[-1] else [*counts, count]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"#{status} still reads {text!r}")
+        page.wait_for_timeout(100)
+
+
+def studio_screenshots(studio_dir: Path, output: Path) -> list[Path]:
+    """Serve a studio with the web UI, start a tiny run from the Train page, and save the Train and Runs pages."""
+    from playwright.sync_api import sync_playwright
+
+    from llava_kit.serve.server import start_server
+    from llava_kit.serve.settings import ServerSettings
+    from llava_kit.studio import Studio
+    from llava_kit.studio.api import studio_router
+    from llava_kit.studio.models import serve_fine_tuned_models
+    from llava_kit.studio.settings import StudioSettings
+    from llava_kit.webui import mount_webui
+
+    studio = Studio(studio_dir).start()
+    settings = ServerSettings(max_new_tokens=64)
+
+    def setup(app) -> None:
+        serve_fine_tuned_models(studio, app.state.workers, settings)
+        mount_webui(app, studio)
+
+    server = start_server({}, settings, port=0, routers=[studio_router(studio, StudioSettings())], setup=setup)
+    shots = [output / "studio-train.png", output / "studio-runs.png"]
+    try:
+        with sync_playwright() as playwright:
+            browser = launch(playwright, find_chromium())
+            page = open_page(browser, server.url.removesuffix("/v1") + "/", height=1000)
+            page.get_by_role("tab", name="Train").click()
+            page.click("#train-preview")
+            page.wait_for_function("document.querySelector('#train-data-summary').innerText.includes('can be trained')")
+            job_id = start_training(page, max_steps=30)
+            follow_plot(page, "train-loss", "train-status")
+            output.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots[0]), full_page=True)
+            page.get_by_role("tab", name="Runs").click()
+            page.fill("#runs-job input", job_id)
+            page.press("#runs-job input", "Enter")
+            page.wait_for_function("document.querySelectorAll('#runs-loss .mark-symbol path').length > 0")
+            page.screenshot(path=str(shots[1]), full_page=True)
+            browser.close()
+    finally:
+        server.shutdown()
+        studio.close(cancel_running=True)
+    return shots
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", required=True, help="[NAME=]DIR, twice for side by side")
-    parser.add_argument("--image", required=True, type=Path, help="the image to ask about")
+    parser.add_argument("--model", action="append", help="[NAME=]DIR, twice for side by side")
+    parser.add_argument("--image", type=Path, help="the image to ask about")
     parser.add_argument("--question", default="What shape is in the image?")
+    parser.add_argument("--studio", type=Path, help="a studio folder: screenshots of the Train and Runs pages instead")
     parser.add_argument("-o", "--output", type=Path, default=Path("docs"))
     args = parser.parse_args()
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if find_chromium() is None:
+        raise SystemExit("no chromium: run scripts/install_browser.sh or set LLAVA_KIT_CHROMIUM")
+    if args.studio:
+        print(*studio_screenshots(args.studio, args.output))
+        return
+    if not args.model or not args.image:
+        parser.error("give --model (and --image), or --studio")
     from playwright.sync_api import sync_playwright
 
     from llava_kit.serve.server import load_services, start_server
@@ -133,8 +227,6 @@ def main() -> None:
     from llava_kit.webui import mount_webui
 
     executable = find_chromium()
-    if executable is None:
-        raise SystemExit("no chromium: run scripts/install_browser.sh or set LLAVA_KIT_CHROMIUM")
     services = load_services(parse_models(args.model))
     server = start_server(services, ServerSettings(max_new_tokens=64), port=0, setup=mount_webui)
     try:

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI's chat-completions API over the model workers, and /health.
 
-    app = create_app({"shapes": worker}, ServerSettings(api_key="sk-..."))
-    app.include_router(more_routes)          # the app takes more routers (the web chat mounts itself at /)
+    app = create_app({"shapes": worker}, ServerSettings(api_key="sk-..."), routers=[more_routes])
+    # more routes share the key and the error shape (the studio's /v1/files, /v1/fine_tuning/jobs); the web chat
+    # mounts itself at / afterwards
 
 Routes: `POST /v1/chat/completions` (SSE with `"stream": true`), `GET /v1/models`, `GET /health`. Every
 mistake of a client is answered in OpenAI's error shape with a 4xx (400 bad request, 401 key, 404 model or
@@ -20,6 +21,7 @@ import asyncio
 import hmac
 import json
 import logging
+from collections.abc import Mapping, Sequence
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -47,10 +49,12 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
 
 
-def create_app(workers: dict[str, ModelWorker], settings: ServerSettings, openai_api: bool = True) -> FastAPI:
+def create_app(workers: Mapping[str, ModelWorker], settings: ServerSettings, openai_api: bool = True,
+               routers: Sequence[APIRouter] = ()) -> FastAPI:
     """The app serving `workers` (model name -> worker); without `openai_api` only /health (for a UI alone).
 
-    `app.state.workers` and `app.state.settings` are there for what mounts itself on the app (the web chat).
+    `routers` add routes behind the same API key, ahead of the answer to unknown /v1 routes. `app.state.workers` and
+    `app.state.settings` are there for what mounts itself on the app (the web chat).
     """
     app = FastAPI(title="llava-kit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.workers, app.state.settings = workers, settings
@@ -62,8 +66,15 @@ def create_app(workers: dict[str, ModelWorker], settings: ServerSettings, openai
     async def health() -> dict:
         return {"status": "ok", "models": list(workers)}
 
+    for router in routers:
+        app.include_router(router, dependencies=[Depends(_key_check(settings.api_key))])
+    included = [*routers, openai_router(workers, settings)] if openai_api else list(routers)
     if openai_api:
-        app.include_router(openai_router(workers, settings))
+        app.include_router(included[-1])
+    # what a 404 lists: every route but the catch-all
+    app.state.route_names = sorted({f"{method} {route.path}" for router in included for route in router.routes
+                                    if "{path" not in route.path for method in getattr(route, "methods", ())}
+                                   | {"GET /health"})
     return app
 
 
@@ -81,8 +92,9 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
 
 async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     if err.status_code == 404:
-        return _error_response(404, f"no route {request.method} {request.url.path}; this server has POST "
-                                    "/v1/chat/completions, GET /v1/models and GET /health", code="not_found")
+        routes = ", ".join(request.app.state.route_names)
+        return _error_response(404, f"no route {request.method} {request.url.path}; this server has {routes}",
+                               code="not_found")
     return _error_response(err.status_code, str(err.detail), headers=getattr(err, "headers", None))
 
 
@@ -93,7 +105,7 @@ async def _internal_error(request: Request, err: Exception) -> JSONResponse:
 
 # ---------------------------------------------------------------------------------------------- routes
 
-def openai_router(workers: dict[str, ModelWorker], settings: ServerSettings) -> APIRouter:
+def openai_router(workers: Mapping[str, ModelWorker], settings: ServerSettings) -> APIRouter:
     """/v1/chat/completions and /v1/models over `workers`, behind the settings' API key."""
     router = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(settings.api_key))])
 
@@ -170,20 +182,24 @@ async def _read_body(request: Request, settings: ServerSettings) -> bytes:
     return bytes(body)
 
 
-def _worker_for(workers: dict[str, ModelWorker], model: str | None) -> ModelWorker:
+def _worker_for(workers: Mapping[str, ModelWorker], model: str | None) -> ModelWorker:
     """The worker of the requested model. With one model, any name reaches it (clients often send a fixed one)."""
-    if len(workers) == 1:
-        return next(iter(workers.values()))
-    names = ", ".join(workers)
+    names = list(workers)  # one snapshot: models may be added meanwhile
+    if not names:
+        raise ApiError(404, "this server has no model yet (a studio server serves each fine-tuning job's model once "
+                            "the job has succeeded)", param="model", code="model_not_found")
+    if len(names) == 1:
+        return workers[names[0]]
+    if model in names:
+        return workers[model]
     if model is None:
-        raise ApiError(400, f"`model` is required: this server has several models ({names})", param="model")
-    if model not in workers:
-        raise ApiError(404, f"The model `{model}` does not exist; this server has: {names}", param="model",
-                       code="model_not_found")
-    return workers[model]
+        raise ApiError(400, f"`model` is required: this server has several models ({', '.join(names)})",
+                       param="model")
+    raise ApiError(404, f"The model `{model}` does not exist; this server has: {', '.join(names)}", param="model",
+                   code="model_not_found")
 
 
-def _parse(raw: bytes, workers: dict[str, ModelWorker],
+def _parse(raw: bytes, workers: Mapping[str, ModelWorker],
            settings: ServerSettings) -> tuple[ModelWorker, ChatRequest, bool]:
     """The body -> (the model's worker, the encoded request, include_usage); an ApiError (4xx) naming the problem
     when it is the client's."""

@@ -22,19 +22,19 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llava_kit.errors import UsageError
 from llava_kit.inference.service import GenerationService
 from llava_kit.serve.app import create_app
 from llava_kit.serve.settings import ServerSettings
-from llava_kit.serve.worker import ModelWorker
+from llava_kit.serve.worker import ModelWorker, ModelWorkers
 
-__all__ = ["RunningServer", "ServerSettings", "create_app", "make_workers", "serve", "start_server"]
+__all__ = ["ModelWorkers", "RunningServer", "ServerSettings", "create_app", "make_workers", "serve", "start_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,14 @@ KEEP_ALIVE_S = 5  # idle kept-alive connections close after this (uvicorn's defa
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish when the server stops; then they are cancelled
 
 
-def make_workers(services: Mapping[str, GenerationService], settings: ServerSettings) -> dict[str, ModelWorker]:
+def make_worker(name: str, service: GenerationService, settings: ServerSettings) -> ModelWorker:
+    """A started worker for one model, with the settings' batch, queue and prompt limits."""
+    return ModelWorker(name, service, settings.max_batch_size, settings.max_queue, settings.max_prompt_tokens).start()
+
+
+def make_workers(services: Mapping[str, GenerationService], settings: ServerSettings) -> ModelWorkers:
     """One started worker per model (name -> worker)."""
-    return {name: ModelWorker(name, service, settings.max_batch_size, settings.max_queue,
-                              settings.max_prompt_tokens).start()
-            for name, service in services.items()}
+    return ModelWorkers({name: make_worker(name, service, settings) for name, service in services.items()})
 
 
 def load_services(models: list[tuple[str, str]], trust_remote_code: bool = False) -> dict[str, GenerationService]:
@@ -114,7 +117,7 @@ def _listen(host: str, port: int) -> socket.socket:
 class RunningServer:
     """The app under uvicorn in a background thread: `.url` (ends in /v1), `.shutdown()`."""
 
-    def __init__(self, app: FastAPI, workers: dict[str, ModelWorker], settings: ServerSettings, host: str, port: int):
+    def __init__(self, app: FastAPI, workers: ModelWorkers, settings: ServerSettings, host: str, port: int):
         self.app, self.workers, self.settings = app, workers, settings
         sock = _listen(host, port)
         self.server_address = sock.getsockname()[:2]
@@ -141,18 +144,18 @@ class RunningServer:
         """Stop serving (in-flight requests get GRACEFUL_SHUTDOWN_S), then stop the workers; idempotent."""
         self._server.should_exit = True
         self._thread.join()
-        for worker in self.workers.values():
-            worker.stop()
+        self.workers.stop()
 
 
 def start_server(services: GenerationService | Mapping[str, GenerationService], settings: ServerSettings,
                  host: str | None = None, port: int | None = None,
-                 setup: Callable[[FastAPI], None] | None = None) -> RunningServer:
+                 setup: Callable[[FastAPI], None] | None = None, routers: Sequence[APIRouter] = ()) -> RunningServer:
     """Start workers and the app in background threads; returns the running server.
 
     `services` is one generation service (named by `settings.model_name`, else "model") or name -> service. It
     listens on `host` and `port`, by default the settings'; `port=0` picks a free port (`server.url` says which).
-    `setup(app)` runs before serving (e.g. `llava_kit.webui.mount_webui`). Stop with `server.shutdown()`.
+    `routers` are more API routes (the studio's), `setup(app)` runs before serving (e.g.
+    `llava_kit.webui.mount_webui`). Stop with `server.shutdown()`.
     """
     if isinstance(services, GenerationService):
         services = {settings.model_name or "model": services}
@@ -160,34 +163,34 @@ def start_server(services: GenerationService | Mapping[str, GenerationService], 
     port = settings.port if port is None else port
     workers = make_workers(services, settings)
     try:
-        app = create_app(workers, settings)
+        app = create_app(workers, settings, routers=routers)
         if setup is not None:
             setup(app)
         return RunningServer(app, workers, settings, host, port)
     except BaseException:
-        for worker in workers.values():
-            worker.stop()
+        workers.stop()
         raise
 
 
 def serve(models: list[tuple[str, str]], settings: ServerSettings, trust_remote_code: bool = False,
-          setup: Callable[[FastAPI], None] | None = None, openai_api: bool = True) -> None:
+          setup: Callable[[FastAPI], None] | None = None, openai_api: bool = True,
+          routers: Sequence[APIRouter] = ()) -> None:
     """Load the (name, directory) models and serve them at the settings' host and port until interrupted.
 
-    `setup(app)` adds to the app before it serves (the web chat); `openai_api=False` serves only what setup adds
-    and /health (`llava-kit webui`).
+    `routers` are more API routes (the studio's fine-tuning API), behind the same key; `setup(app)` adds to the app
+    before it serves (the web chat, the studio's models); `openai_api=False` serves only what setup adds and /health
+    (`llava-kit webui`).
     """
     sock = _listen(settings.host, settings.port)  # before loading: a taken port fails fast
     workers = make_workers(load_services(models, trust_remote_code), settings)
     try:
-        app = create_app(workers, settings, openai_api=openai_api)
+        app = create_app(workers, settings, openai_api=openai_api, routers=routers)
         if setup is not None:
             setup(app)
         host, port = sock.getsockname()[:2]
-        logger.info("serving %s at http://%s:%d%s%s", ", ".join(workers), host, port,
+        logger.info("serving %s at http://%s:%d%s%s", ", ".join(workers) or "no model yet", host, port,
                     " (POST /v1/chat/completions, GET /v1/models)" if openai_api else "",
                     "; API key required" if settings.api_key and openai_api else "")
         _uvicorn_server(app, settings, log_level="info").run(sockets=[sock])
     finally:
-        for worker in workers.values():
-            worker.stop()
+        workers.stop()

@@ -6,6 +6,8 @@
     async for piece in job.stream(): ...    # or: completion = await job.result()
     job.cancel()                            # the client went away: generation stops within a token
 
+    workers = ModelWorkers({"shapes": worker})   # the server's workers by name; more may be added while it serves
+
 Greedy non-streaming jobs that wait together are generated as one batch by the generation service (every row's
 answer is what it would be alone); streaming and sampled jobs run one at a time. A job cancelled while it waits
 is dropped without generating; one cancelled while generating stops after the current token (the service checks
@@ -24,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
 from llava_kit.inference.sampling import SamplingParams
@@ -273,6 +275,41 @@ class ModelWorker:
         for job, completion in zip(batch, completions, strict=True):
             self.finish_reasons[completion.finish_reason] += 1
             job._finish(completion)
+
+
+class ModelWorkers(Mapping[str, ModelWorker]):
+    """The server's model workers by name: a mapping that may grow while it serves (the studio adds the models of
+    finished fine-tuning jobs). Iterating it reads a snapshot, so a request listing the models never sees the mapping
+    change under it."""
+
+    def __init__(self, workers: Mapping[str, ModelWorker] | None = None):
+        self._workers = dict(workers or {})
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> ModelWorker:
+        with self._lock:
+            return self._workers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._workers))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._workers)
+
+    def add(self, worker: ModelWorker) -> bool:
+        """Add a started worker under its name; False (nothing changed) when a model has that name already."""
+        with self._lock:
+            if worker.name in self._workers:
+                return False
+            self._workers[worker.name] = worker
+            return True
+
+    def stop(self) -> None:
+        """Stop every worker (see ModelWorker.stop)."""
+        for worker in self.values():
+            worker.stop()
 
 
 def _batchable(job: Job) -> bool:

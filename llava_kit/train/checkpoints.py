@@ -33,7 +33,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = re.compile(r"^\.checkpoint-(\d+)\.partial$")
 TRAINER_STATE = "trainer_state.json"
 RUN_FILES = ("config.yaml", "projector.safetensors", "projector.json", "adapter", "llm", "vision", "tokenizer",
-             "metrics.jsonl", "loss.png", "data_report.json", "eval_data_report.json", "runs")
+             "metrics.jsonl", "progress.json", "loss.png", "data_report.json", "eval_data_report.json", "runs")
 """What a finished or started run leaves in its directory (besides checkpoints); `--overwrite` removes these."""
 
 

@@ -26,6 +26,7 @@ from llava_kit.model.trainable import check_qlora_available
 from llava_kit.train.benchmark_probe import BenchmarkProbe
 from llava_kit.train.checkpoints import check_checkpoint, latest_checkpoint, prepare_run_dir, remove_stale_staging
 from llava_kit.train.plots import plot_loss
+from llava_kit.train.progress import RunProgress
 from llava_kit.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         data_collator=(PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id),
         projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length,
-        benchmark_probe=probe)
+        benchmark_probe=probe,
+        callbacks=[RunProgress(run_dir)])  # metrics.jsonl and progress.json as the run goes (the studio watches them)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = final_weights(trainer)
 

@@ -6,7 +6,8 @@
 Two tabs. **Chat**: one model; attach images (several, in any turn), ask, read the answer as it is generated;
 regenerate, clear, stop. **Side by side**: the same turn goes to two models (two projectors trained on the same
 data, say), each keeping its own conversation. The sampling controls apply to both; temperature 0 is greedy,
-so the chat answers what `llava-kit chat --prompt` answers.
+so the chat answers what `llava-kit chat --prompt` answers. With a studio (`llava-kit serve --studio DIR`) the
+Train, Runs and Compare tabs follow (studio_pages.py), and every finished run's model joins the models' lists.
 
 The page talks to the model workers in-process, not through the OpenAI API: the same queue, batching, limits and
 cancellation as API requests (stop, or closing the tab, cancels the job within a token), without a base64 round
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import anyio
 import gradio as gr
@@ -30,6 +33,9 @@ from llava_kit.serve.settings import ServerSettings
 from llava_kit.serve.worker import Job, JobFailed, ModelWorker, QueueFull, WorkerStopped
 from llava_kit.webui.conversation import Turn, bubbles, messages_of, new_turn
 
+if TYPE_CHECKING:
+    from llava_kit.studio.workspace import Studio
+
 # System fonts only: the page loads nothing from the internet (the default theme fetches Google fonts).
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
@@ -39,8 +45,9 @@ EMPTY_INPUT = {"text": "", "files": []}
 FORGET_UPLOADS = "() => { document.querySelectorAll('input[type=file]').forEach((input) => { input.value = ''; }); }"
 
 
-def mount_webui(app: FastAPI) -> None:
-    """Mount the web chat at / of `app`, an app of `llava_kit.serve.app.create_app` (its workers and settings)."""
+def mount_webui(app: FastAPI, studio: Studio | None = None) -> None:
+    """Mount the web chat at / of `app`, an app of `llava_kit.serve.app.create_app` (its workers and settings), with
+    the studio's pages when given one."""
     settings: ServerSettings = app.state.settings
     auth, auth_message = None, None
     if settings.api_key:
@@ -50,29 +57,33 @@ def mount_webui(app: FastAPI) -> None:
             return hmac.compare_digest(password.encode(), key)
 
         auth_message = "This server needs its API key: any user name, and the key as the password."
-    gr.mount_gradio_app(app, build_webui(app.state.workers, settings), path="/", auth=auth,
+    gr.mount_gradio_app(app, build_webui(app.state.workers, settings, studio), path="/", auth=auth,
                         auth_message=auth_message, theme=THEME, max_file_size=settings.max_body_bytes)
 
 
-def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr.Blocks:
-    """The page (gr.Blocks) over `workers` (model name -> worker)."""
+def build_webui(workers: Mapping[str, ModelWorker], settings: ServerSettings, studio: Studio | None = None) -> gr.Blocks:
+    """The page (gr.Blocks) over `workers` (model name -> worker; it may grow while serving: the lists of models are
+    read again when the page loads and when a chat tab is chosen), with the studio's tabs when given one."""
     names = list(workers)
-    reads_images = any(worker.supports_images for worker in workers.values())
-    with gr.Blocks(title="llava-kit chat", analytics_enabled=False) as page:
-        gr.Markdown(f"## llava-kit chat\n{_models_line(workers)}")
-        with gr.Tab("Chat", elem_id="tab-chat"):
-            model = gr.Dropdown(names, value=names[0], label="Model", visible=len(names) > 1, elem_id="chat-model")
-            chatbot = gr.Chatbot(label=names[0], elem_id="chat", height=420, render_markdown=False)
+    first, second = (names[0] if names else None), (names[min(1, len(names) - 1)] if names else None)
+    # a studio adds multimodal models later: its page offers uploads before it has any model
+    reads_images = any(worker.supports_images for worker in workers.values()) or studio is not None
+    title = "llava-kit chat" if studio is None else "llava-kit studio"
+    with gr.Blocks(title=title, analytics_enabled=False) as page:
+        header = gr.Markdown(f"## {title}\n{_models_line(workers)}")
+        with gr.Tab("Chat", elem_id="tab-chat") as chat_tab:
+            model = gr.Dropdown(names, value=first, label="Model", visible=len(names) > 1 or studio is not None,
+                                elem_id="chat-model")
+            chatbot = gr.Chatbot(label=first or "no model yet", elem_id="chat", height=420, render_markdown=False)
             box = _input_box(reads_images, "chat-input")
             with gr.Row():
                 regenerate = gr.Button("Regenerate", elem_id="chat-regenerate")
                 clear = gr.Button("Clear", elem_id="chat-clear")
-        with gr.Tab("Side by side", elem_id="tab-side"):
+        with gr.Tab("Side by side", elem_id="tab-side") as side_tab:
             gr.Markdown("The same turn goes to both models; each keeps its own conversation.")
             with gr.Row():
-                model_a = gr.Dropdown(names, value=names[0], label="Model A", elem_id="side-model-a")
-                model_b = gr.Dropdown(names, value=names[min(1, len(names) - 1)], label="Model B",
-                                      elem_id="side-model-b")
+                model_a = gr.Dropdown(names, value=first, label="Model A", elem_id="side-model-a")
+                model_b = gr.Dropdown(names, value=second, label="Model B", elem_id="side-model-b")
             with gr.Row():
                 chat_a = gr.Chatbot(label=f"A: {model_a.value}", elem_id="side-a", height=420, render_markdown=False)
                 chat_b = gr.Chatbot(label=f"B: {model_b.value}", elem_id="side-b", height=420, render_markdown=False)
@@ -80,6 +91,10 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
             with gr.Row():
                 side_regenerate = gr.Button("Regenerate both", elem_id="side-regenerate")
                 side_clear = gr.Button("Clear", elem_id="side-clear")
+        if studio is not None:
+            from llava_kit.webui.studio_pages import studio_tabs
+
+            studio_tabs(studio)
         with gr.Accordion("Sampling", open=False):
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy, as llava-kit chat)")
@@ -97,7 +112,7 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
                 yield gr.skip(), gr.skip(), gr.skip()
                 return
             history = [*history, turn]
-            job = await _start(workers[name], history, _params(*controls), settings)
+            job = await _start(_worker(workers, name), history, _params(*controls), settings)
             yield bubbles(history), history, EMPTY_INPUT
             async for pending in _follow(job, turn):
                 yield bubbles(history, pending), history, gr.skip()
@@ -108,7 +123,7 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
                 yield gr.skip(), gr.skip()
                 return
             history = [*history[:-1], Turn(history[-1].text, history[-1].images)]
-            job = await _start(workers[name], history, _params(*controls), settings)
+            job = await _start(_worker(workers, name), history, _params(*controls), settings)
             yield bubbles(history), history
             async for pending in _follow(job, history[-1]):
                 yield bubbles(history, pending), history
@@ -131,8 +146,8 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
                 return
             history_a, history_b = [*history_a, turn], [*history_b, Turn(turn.text, list(turn.images))]
             cleared = EMPTY_INPUT  # once: what is typed meanwhile stays
-            async for shown_a, shown_b in _both(workers[name_a], history_a, workers[name_b], history_b,
-                                                _params(*controls), settings):
+            async for shown_a, shown_b in _both(_worker(workers, name_a), history_a, _worker(workers, name_b),
+                                                history_b, _params(*controls), settings):
                 yield shown_a, shown_b, history_a, history_b, cleared
                 cleared = gr.skip()
 
@@ -142,8 +157,8 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
                 return
             history_a = [*history_a[:-1], Turn(history_a[-1].text, history_a[-1].images)]
             history_b = [*history_b[:-1], Turn(history_b[-1].text, history_b[-1].images)]
-            async for shown_a, shown_b in _both(workers[name_a], history_a, workers[name_b], history_b,
-                                                _params(*controls), settings):
+            async for shown_a, shown_b in _both(_worker(workers, name_a), history_a, _worker(workers, name_b),
+                                                history_b, _params(*controls), settings):
                 yield shown_a, shown_b, history_a, history_b
 
         both = [turns_a, turns_b, model_a, model_b, *sampling]
@@ -158,12 +173,34 @@ def build_webui(workers: dict[str, ModelWorker], settings: ServerSettings) -> gr
             clearing(lambda: ([], [], [], []), None, side_state, cancels=[side_sent, side_redone])
         model_a.change(lambda name: gr.Chatbot(label=f"A: {name}"), model_a, chat_a)
         model_b.change(lambda name: gr.Chatbot(label=f"B: {name}"), model_b, chat_b)
+
+        # ------------------------------------------------------------------ models added while serving
+        def current_models(chosen: str | None, chosen_a: str | None, chosen_b: str | None):
+            now = list(workers)
+
+            def keep(value, fallback):
+                return gr.Dropdown(choices=now, value=value if value in now else fallback)
+
+            return (f"## {title}\n{_models_line(workers)}", keep(chosen, now[0] if now else None),
+                    keep(chosen_a, now[0] if now else None), keep(chosen_b, now[min(1, len(now) - 1)] if now else None))
+
+        listing = [model, model_a, model_b]
+        for event in (page.load, chat_tab.select, side_tab.select):
+            event(current_models, listing, [header, *listing], show_progress="hidden")
     return page
 
 
-def _models_line(workers: dict[str, ModelWorker]) -> str:
+def _worker(workers: Mapping[str, ModelWorker], name: str | None) -> ModelWorker:
+    """The worker of the chosen model; gr.Error (shown on the page) when there is none."""
+    if name is None or name not in workers:
+        raise gr.Error("no model to answer yet: choose one (a studio run's model appears once the run has finished)"
+                       if not list(workers) or name is None else f"model {name!r} is not served here")
+    return workers[name]
+
+
+def _models_line(workers: Mapping[str, ModelWorker]) -> str:
     kinds = [f"**{name}** ({'images and text' if w.supports_images else 'text only'})" for name, w in workers.items()]
-    return "Models: " + " · ".join(kinds)
+    return "Models: " + (" · ".join(kinds) or "none yet (the studio's finished runs appear here)")
 
 
 def _input_box(reads_images: bool, elem_id: str) -> gr.MultimodalTextbox:
