@@ -49,6 +49,12 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
                   ["task", "prompt_file", "raw_prompt", "seed", "detail", "response_format", "max_tokens",
                    "temperature", "limit"],
                   {"prompt_file": {"metavar": "FILE"}, "max_tokens": {"metavar": "N"}, "limit": {"metavar": "N"}})
+    add_arguments(parser.add_argument_group("preference pairs (--task preference)"), CaptionOptions,
+                  ["sampler_base_url", "sampler_model", "sampler_api_key_env", "samples", "sampler_temperature",
+                   "sampler_max_tokens"],
+                  {"sampler_base_url": {"metavar": "URL"}, "sampler_model": {"metavar": "NAME"},
+                   "sampler_api_key_env": {"metavar": "NAME"}, "samples": {"metavar": "N"},
+                   "sampler_max_tokens": {"metavar": "N"}})
     add_arguments(parser.add_argument_group("how to send"), CaptionOptions,
                   ["concurrency", "rpm", "timeout", "max_retries", "validation_retries", "retry_delay", "no_progress"],
                   {"concurrency": {"metavar": "N"}, "rpm": {"metavar": "N"}, "timeout": {"metavar": "S"},
@@ -126,7 +132,10 @@ def _run_caption(args: argparse.Namespace) -> int:
     except (PromptFileError, CorruptOutputError, OutputLockedError, OSError) as exc:
         return _fail(str(exc))
     if opts.dry_run:
-        return _dry_run(job, client_options, price, opts.batch)
+        sampler = opts.sampler_options()
+        # The judge reads the drawn answers too: about half their budget each, 4 characters a token.
+        answer_chars = sampler.samples * sampler.max_tokens * 2 if sampler else 0
+        return _dry_run(job, client_options, price, opts.batch, answer_chars)
 
     api_key = os.environ.get(opts.api_key_env, "").strip()
     if not api_key:
@@ -152,7 +161,8 @@ def _run_caption(args: argparse.Namespace) -> int:
                             "collect them instead of paying for those images twice", opts.output)
         except ValueError as exc:
             log.warning("%s", exc)
-        summary = run_online(job, client_options, api_key, opts.api_key_env)
+        sampler_key = os.environ.get(opts.sampler_api_key_env, "").strip() or "EMPTY"
+        summary = run_online(job, client_options, api_key, opts.api_key_env, opts.sampler_options(), sampler_key)
 
     usd = cost.cost(summary.prompt_tokens, summary.completion_tokens, price, opts.batch)
     for line in summary.lines(opts.output, usd):
@@ -168,12 +178,14 @@ def _run_caption(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
-def _dry_run(job: Job, client_options: ClientOptions, price: Price | None, batch: bool) -> int:
+def _dry_run(job: Job, client_options: ClientOptions, price: Price | None, batch: bool,
+             extra_prompt_chars: int = 0) -> int:
     from data_gen import cost
 
     sizes = [(img.width, img.height) for img in job.todo]
     task = job.task
-    estimate = cost.estimate(sizes, client_options.detail, len(task.prompt_text()), task.expected_output_tokens,
+    estimate = cost.estimate(sizes, client_options.detail, len(task.prompt_text()) + extra_prompt_chars,
+                             task.expected_output_tokens,
                              price, batch)
     summary = job.summary
     log.info("dry run: nothing sent, nothing written")

@@ -22,6 +22,7 @@ from llava_kit.schema import Schema, check_data
 if TYPE_CHECKING:
     from data_gen.batch import BatchOptions
     from data_gen.client import ClientOptions
+    from data_gen.preference import SamplerOptions
     from data_gen.run import RunOptions
 
 DETAILS = ("low", "high", "auto")  # same as data_gen.images.DETAILS, without importing PIL for --help
@@ -44,10 +45,11 @@ class CaptionOptions(Schema):
 
     task: Literal[tuple(TASKS)] = "caption"
     """caption: brief (pretraining); detail: detailed description; conversation: several QA turns; reasoning: one
-    complex-reasoning QA"""
+    complex-reasoning QA; preference: DPO pairs, answers drawn from --sampler-base-url judged by --model"""
     prompt_file: Path | None = None
-    """text file replacing the task's instruction to the model (the JSON answer format is still appended); results
-    are kept apart from the default prompt's"""
+    """text file replacing the task's instruction to the model (the JSON answer format is still appended); with
+    --task preference, the questions asked of the sampled model, one per line; results are kept apart from the
+    default prompt's"""
     raw_prompt: bool = False
     """send the --prompt-file text alone, without the rules and the JSON answer format, and read the answer as plain
     text (small local models trained on short questions, e.g. `llava-kit serve`)"""
@@ -63,6 +65,20 @@ class CaptionOptions(Schema):
     """sampling temperature (default: the server's)"""
     limit: int | None = Field(None, ge=0)
     """caption at most N of the images not yet done"""
+
+    sampler_base_url: str | None = None
+    """--task preference: the OpenAI-compatible endpoint of the model whose answers are judged, e.g. `llava-kit
+    serve`'s http://127.0.0.1:8000/v1"""
+    sampler_model: str | None = None
+    """--task preference: the model name at --sampler-base-url"""
+    sampler_api_key_env: str = "SAMPLER_API_KEY"
+    """--task preference: environment variable holding the sampler's key (unset: the placeholder EMPTY)"""
+    samples: int = Field(4, ge=2, le=16)
+    """--task preference: answers drawn per image; the judge picks the best and the worst of the distinct ones"""
+    sampler_temperature: float = Field(1.0, ge=0)
+    """--task preference: sampling temperature of the drawn answers (high enough that they differ)"""
+    sampler_max_tokens: int = Field(256, ge=1)
+    """--task preference: completion budget of one drawn answer"""
 
     concurrency: int = Field(8, ge=1)
     """requests in flight at once"""
@@ -135,6 +151,22 @@ class CaptionOptions(Schema):
             problems.append(f"--raw-prompt asks for plain text: --response-format {self.response_format} cannot apply")
         if self.price_table is not None and not self.price_table.is_file():
             problems.append(f"--price-table {self.price_table} does not exist")
+        sampler_flags = [f"--{name.replace('_', '-')}" for name in ("sampler_base_url", "sampler_model")
+                         if getattr(self, name)]
+        if self.task == "preference":
+            if not self.export_only and not (self.sampler_base_url and self.sampler_model):
+                problems.append("--task preference judges answers drawn from your model: give --sampler-base-url URL "
+                                "(e.g. `llava-kit serve`'s http://127.0.0.1:8000/v1) and --sampler-model NAME")
+            if self.batch:
+                problems.append("--task preference samples answers before each judge request, which the Batch API "
+                                "cannot do: drop --batch")
+            if self.raw_prompt:
+                problems.append("--raw-prompt does not apply to --task preference (its --prompt-file holds questions)")
+            if self.export:
+                problems.append("--export converts conversations; --task preference writes pairs that `train "
+                                "stage=dpo` reads as they are: drop --export")
+        elif sampler_flags:
+            problems.append(f"{', '.join(sampler_flags)} only apply to --task preference")
         if self.batch and self.rpm:
             problems.append("--rpm does not apply to --batch (the Batch API has its own limits): drop one of them")
         return problems
@@ -157,6 +189,16 @@ class CaptionOptions(Schema):
             model=self.model, base_url=self.base_url, timeout=self.timeout, detail=self.detail,
             response_format="text" if self.raw_prompt else self.response_format, max_tokens=self.max_tokens,
             temperature=self.temperature)
+
+    def sampler_options(self) -> SamplerOptions | None:
+        """The sampled model's endpoint and sampling (data_gen.preference), for --task preference."""
+        if self.task != "preference":
+            return None
+        from data_gen.preference import SamplerOptions
+
+        return SamplerOptions(base_url=self.sampler_base_url, model=self.sampler_model, samples=self.samples,
+                              temperature=self.sampler_temperature, max_tokens=self.sampler_max_tokens,
+                              timeout=self.timeout)
 
     def batch_options(self) -> BatchOptions:
         """Batch API limits and polling (data_gen.batch)."""

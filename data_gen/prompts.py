@@ -154,6 +154,31 @@ TASKS: dict[str, Task] = {
 }
 
 
+# The preference task's judge (data_gen/preference.py fills in the question and the sampled answers).
+JUDGE_INSTRUCTION = (
+    "Below are a question about this image and {n} answers to it. Judge each answer only by whether what it says "
+    "is true of the image: objects, attributes, counts, text or relations that are not in the image "
+    "(hallucinations) weigh most, then missing what the question asks about; style and length do not count. "
+    "Score each answer from 1 (mostly false) to 10 (entirely accurate), then give the number of the best answer "
+    "and of the worst one (numbered as listed, from 1) and one sentence saying why.\n\n"
+    "Question: {question}\n\n{answers}\n\n"
+    'Reply with a JSON object of this form and nothing else:\n{{"scores": [..], "best": N, "worst": N, '
+    '"reason": "..."}}'
+)
+_INTEGER = {"type": "integer"}
+
+TASKS["preference"] = Task(
+    name="preference",
+    instruction=JUDGE_INSTRUCTION,
+    schema=_object_schema(scores={"type": "array", "items": _INTEGER}, best=_INTEGER, worst=_INTEGER,
+                          reason=_STRING),
+    shape='{"scores": [..], "best": N, "worst": N, "reason": "..."}',
+    max_tokens=400,
+    expected_output_tokens=80,
+    questions=DETAIL_INSTRUCTIONS,  # asked of the sampled model; --prompt-file replaces them (one per line)
+)
+
+
 class PromptFileError(ValueError):
     """A --prompt-file that cannot be used; the message says why and what to do."""
 
@@ -179,6 +204,9 @@ def get_task(name: str, prompt_file: Path | None = None, raw: bool = False) -> T
     if not text:
         raise PromptFileError(f"--prompt-file {prompt_file} is empty; write the instruction for the model in it")
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    if name == "preference":  # the file holds the questions asked of the sampled model, one per line
+        questions = tuple(line.strip() for line in text.splitlines() if line.strip())
+        return Task(**{**task.__dict__, "questions": questions, "label": f"{name}-{digest}"})
     return Task(**{**task.__dict__, "instruction": text, "label": f"{name}-{'raw-' if raw else ''}{digest}",
                    "raw": raw})
 

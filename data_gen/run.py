@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data_gen.client import (
     ClientOptions,
@@ -35,6 +35,9 @@ from data_gen.prompts import AnswerError, Task, get_task, sample_question, to_co
 from data_gen.scan import ImageFile, ScanResult, scan_folder
 from data_gen.store import ErrorLog, OutputStore, errors_path
 from data_gen.validate import validated_turns
+
+if TYPE_CHECKING:
+    from data_gen.preference import SamplerOptions
 
 log = logging.getLogger("data_gen")
 
@@ -90,6 +93,8 @@ class Summary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed: float = 0.0
+    sampler_tokens: tuple[int, int] | None = None
+    """Prompt and completion tokens of the sampled model (`--task preference`); not billed by the API."""
     fatal: str | None = None
     interrupted: bool = False
 
@@ -125,6 +130,9 @@ class Summary:
             out.append(f"left for a later run (--limit): {self.beyond_limit}")
         tokens = f"tokens used: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
         out.append(tokens + (f" (about ${usd:.4f} at list price)" if usd is not None else ""))
+        if self.sampler_tokens is not None:
+            out.append(f"sampled model's tokens: {self.sampler_tokens[0]} prompt + {self.sampler_tokens[1]} "
+                       "completion")
         out.append(f"dataset: {output}  errors: {errors_path(output)}")
         if failed or missing > 0 or self.interrupted or self.beyond_limit:
             out.append("rerun the same command to retry what failed or is missing; finished images are skipped")
@@ -204,6 +212,13 @@ class Job:
         if self.store.append(record):
             self.summary.done += 1
 
+    def accept_pair(self, img: ImageFile, fields: dict[str, Any]) -> None:
+        """Append a preference pair's record (`--task preference`, data_gen/preference.py), RLAIF-V's layout."""
+        record = {"id": self.item_id(img), "image": img.rel, **fields, "task": self.task.label, "model": self.model,
+                  "sha256": img.sha256}
+        if self.store.append(record):
+            self.summary.done += 1
+
     def fail(self, img: ImageFile, reason: str, detail: str, attempts: int) -> None:
         """Record that an image will not be in the dataset this run, and why."""
         self.summary.failed[reason] += 1
@@ -268,8 +283,27 @@ def _scan_with_progress(image_dir: Path, progress: bool) -> ScanResult:
         return scan_folder(image_dir, progress=bar.update)
 
 
-async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img: ImageFile,
+class CaptionRequester:
+    """One attempt at one image: send it with the task's prompt, validate the answer, store the record."""
+
+    def __init__(self, job: Job, client: VisionClient) -> None:
+        self.job = job
+        self.client = client
+
+    async def __call__(self, img: ImageFile, image_url: str) -> None:
+        self.job.accept(img, await self.client.complete(self.job.task, image_url))
+
+    def unreachable(self, exc: TransientError) -> tuple[str, str] | None:
+        """(the endpoint, its option) when an error shows it was never reached (no request to it succeeded)."""
+        if exc.reason in ("connection_error", "timeout") and self.client.successes == 0:
+            return self.client.options.base_url or "api.openai.com", "--base-url"
+        return None
+
+
+async def _caption_one(job: Job, request: Any, limiter: RateLimiter, img: ImageFile,
                        encoded: asyncio.Future[str]) -> None:
+    """Attempts at one image until one is stored, or the retries run out (then the image is failed with the
+    reason). `request` is a CaptionRequester or a PreferenceRequester: the attempt; this is the retry policy."""
     options = job.options
     try:
         image_url = await encoded
@@ -281,17 +315,17 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
         await limiter.acquire()
         try:
             job.attempts[job.item_id(img)] += 1
-            reply = await client.complete(job.task, image_url)
-            job.accept(img, reply)
+            await request(img, image_url)
             return
         except TransientError as exc:
             transient += 1
             if transient > options.max_retries:
-                if client.successes == 0 and exc.reason in ("connection_error", "timeout"):
-                    where = client.options.base_url or "api.openai.com"
+                unreachable = request.unreachable(exc)
+                if unreachable is not None:
+                    where, option = unreachable
                     raise FatalAPIError(
                         f"no request to {where} has succeeded ({exc.reason}: {exc.detail}).\n"
-                        "Check --base-url and that the server is up; if it is just slow, raise --timeout."
+                        f"Check {option} and that the server is up; if it is just slow, raise --timeout."
                     ) from None
                 job.fail(img, exc.reason, exc.detail, transient + invalid)
                 return
@@ -310,8 +344,10 @@ async def _caption_one(job: Job, client: VisionClient, limiter: RateLimiter, img
             log.debug("%s: unusable answer (%s); asking again", img.rel, exc)
 
 
-async def caption_online(job: Job, client: VisionClient) -> None:
+async def caption_online(job: Job, client: VisionClient, request: Any = None) -> None:
     """Caption `job.todo` with `concurrency` workers; the first fatal error cancels the rest.
+
+    `request` makes one attempt at one image (default: a CaptionRequester on `client`).
 
     A feeder decodes and re-encodes images in threads ahead of the workers (at most `concurrency`
     waiting), so a worker whose answer arrives sends its next request at once instead of first spending
@@ -319,6 +355,7 @@ async def caption_online(job: Job, client: VisionClient) -> None:
     """
     from data_gen.images import encode_image
 
+    request = request or CaptionRequester(job, client)
     limiter = RateLimiter(job.options.rpm)
     n_workers = max(1, min(job.options.concurrency, len(job.todo)))
     ready: asyncio.Queue[tuple[ImageFile, asyncio.Future[str]] | None] = asyncio.Queue(maxsize=n_workers)
@@ -337,7 +374,7 @@ async def caption_online(job: Job, client: VisionClient) -> None:
         async def worker() -> None:
             while not stopping and (entry := await ready.get()) is not None:  # each image to exactly one worker
                 before = sum(job.summary.failed.values())
-                await _caption_one(job, client, limiter, *entry)
+                await _caption_one(job, request, limiter, *entry)
                 bar.update(1)
                 failed = sum(job.summary.failed.values())
                 if failed != before:
@@ -366,17 +403,29 @@ async def caption_online(job: Job, client: VisionClient) -> None:
                     await asyncio.gather(entry[1], return_exceptions=True)
 
 
-def run_online(job: Job, client_options: ClientOptions, api_key: str, key_env: str = "OPENAI_API_KEY") -> Summary:
-    """Run the job against the API; never raises for API trouble or Ctrl-C (see Summary.fatal/interrupted)."""
+def run_online(job: Job, client_options: ClientOptions, api_key: str, key_env: str = "OPENAI_API_KEY",
+               sampler: SamplerOptions | None = None, sampler_key: str = "EMPTY") -> Summary:
+    """Run the job against the API; never raises for API trouble or Ctrl-C (see Summary.fatal/interrupted).
+
+    `sampler`: the endpoint whose answers the API judges (`--task preference`, data_gen/preference.py).
+    """
 
     async def main() -> None:
         client = VisionClient(client_options, api_key, key_env)
+        request = None
+        if sampler is not None:
+            from data_gen.preference import PreferenceRequester
+
+            request = PreferenceRequester(job, client, sampler, sampler_key)
         try:
-            await caption_online(job, client)
+            await caption_online(job, client, request)
         finally:
             job.summary.prompt_tokens += client.prompt_tokens
             job.summary.completion_tokens += client.completion_tokens
             await client.close()
+            if request is not None:
+                job.summary.sampler_tokens = request.sampler_tokens
+                await request.close()
 
     return _run_guarded(job, main)
 

@@ -23,6 +23,7 @@ import email.parser
 import email.policy
 import json
 import random
+import re
 import sys
 import threading
 import time
@@ -91,9 +92,20 @@ def _guess_task(prompt: str) -> str:
     return "caption"
 
 
+def judge_verdict(prompt: str, rng: random.Random) -> dict[str, Any]:
+    """The preference judge's answer to a prompt listing `Answer N:` candidates: distinct best and worst."""
+    count = max(2, len(re.findall(r"^Answer \d+:", prompt, flags=re.M)))
+    best, worst = rng.sample(range(1, count + 1), 2)
+    scores = [5] * count
+    scores[best - 1], scores[worst - 1] = 9, 2
+    return {"scores": scores, "best": best, "worst": worst, "reason": "The worst answer names a shape that is not there."}
+
+
 def answer_for(body: dict[str, Any], rng: random.Random) -> str:
     """A valid answer to a chat completion request, in the format its `response_format` asks for."""
     fmt = body.get("response_format") or {}
+    if '"best": N' in _prompt_text(body):  # the preference task's judge (data_gen/preference.py)
+        return json.dumps(judge_verdict(_prompt_text(body), rng))
     if fmt.get("type") == "json_schema":
         return json.dumps(_from_schema(fmt["json_schema"]["schema"], rng))
     task = _guess_task(_prompt_text(body))

@@ -10,7 +10,8 @@ from data_gen.options import CaptionOptions
 
 FLAGS = ["IMAGE_DIR", "-o/--output", "--model", "--base-url", "--api-key-env", "--task", "--prompt-file",
          "--raw-prompt", "--seed", "--detail", "--response-format", "--max-tokens", "--temperature", "--limit",
-         "--concurrency", "--rpm", "--timeout", "--max-retries", "--validation-retries", "--retry-delay",
+         "--sampler-base-url", "--sampler-model", "--sampler-api-key-env", "--samples", "--sampler-temperature",
+         "--sampler-max-tokens", "--concurrency", "--rpm", "--timeout", "--max-retries", "--validation-retries", "--retry-delay",
          "--no-progress", "--dry-run", "--price", "--price-table", "--batch", "--batch-max-requests",
          "--batch-max-bytes", "--poll-interval", "--export", "--export-only", "--dataset-name"]
 

@@ -21,7 +21,7 @@ from data_gen.prompts import (
 )
 from data_gen.validate import validated_turns
 
-CAPTION, DETAIL, CONVERSATION, REASONING = (get_task(name) for name in TASKS)
+CAPTION, DETAIL, CONVERSATION, REASONING = (get_task(name) for name in ("caption", "detail", "conversation", "reasoning"))
 
 
 def _strict(schema: dict[str, Any]) -> None:

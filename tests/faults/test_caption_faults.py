@@ -271,3 +271,30 @@ def test_a_batch_run_that_stops_lists_its_pending_images(tmp_path: Path, stub: S
     assert rerun.code == 0, rerun.stderr
     assert stub.batch_create_attempts == 2  # collected, not paid for again
     assert len(read_jsonl(out)) == 10 and read_jsonl(out.with_name("out.errors.jsonl")) == []
+
+
+def test_kill_9_of_a_preference_run_then_rerun_gives_each_image_one_pair(tmp_path: Path) -> None:
+    """`--task preference`: killed while judge requests are held in flight, then rerun: every image one pair."""
+    images, out = tmp_path / "images", tmp_path / "pairs.jsonl"
+    make_images(images, N_IMAGES)
+    with StubServer(latency=0.01) as judge, StubServer(latency=0.002, seed=1) as sampler:
+        command = [*_command(images, out, judge), "--task", "preference", "--sampler-base-url", sampler.base_url,
+                   "--sampler-model", "tiny", "--validation-retries", "12"]
+        judge.hold(after=10)
+        proc = popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True)
+        _wait_until(lambda: _lines(out) >= 10, "10 pairs")
+        judge.wait_held(CONCURRENCY)  # every worker is waiting on a verdict: killed mid-request
+        proc.kill()
+        proc.communicate()
+        judge.release()
+        assert len(read_jsonl(out)) == 10
+        rerun = popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True)
+        _, stderr = communicate(rerun, LIMIT)
+    assert rerun.returncode == 0, stderr
+    assert "skipped (already done): 10" in stderr
+    records = read_jsonl(out)
+    assert len(records) == N_IMAGES and len({r["id"] for r in records}) == N_IMAGES
+    assert {r["image"] for r in records} == _all_images(images)
+    assert all(r["chosen"] != r["rejected"] for r in records)
