@@ -20,11 +20,16 @@ from llava_kit.errors import ConfigError
 from llava_kit.schema import Described, Schema, did_you_mean, dump_yaml, load_yaml_file, validate_data
 from llava_kit.schema import apply_overrides as apply_overrides
 
-STAGE_MODALITY = {"pretrain": "multimodal", "sft": "multimodal", "text-pt": "text", "text-sft": "text"}
+STAGE_MODALITY = {"pretrain": "multimodal", "sft": "multimodal", "text-pt": "text", "text-sft": "text",
+                  "dpo": "multimodal", "text-dpo": "text"}
 """Which modality each stage trains, the one table to ask (llava_kit/modality.py holds what differs between them)."""
 STAGES = tuple(STAGE_MODALITY)
 MULTIMODAL_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "multimodal")
 TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")
+PREFERENCE_STAGES = ("dpo", "text-dpo")
+"""Stages that learn from pairs of answers (chosen over rejected; llava_kit/train/preference.py, docs/preference.md)."""
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+"""`train.preference.loss_type`: DPO's sigmoid, IPO, and the reference-free SimPO and ORPO."""
 
 # Record formats, written out once (llava_kit/data/readers/ has one reader per name; docs/data.md describes them):
 # the conversation formats, those of them whose records may carry images, and every value of `data.format` (`text`
@@ -32,15 +37,21 @@ TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "openai", "moss", "llava")
 IMAGE_FORMATS = ("llava", "sharegpt", "openai", "alpaca")
 WRITABLE_FORMATS = ("llava", "sharegpt", "openai")  # what `llava-kit data convert --to` writes
-DATA_FORMATS = ("auto", "text", *CONVERSATION_FORMATS)
+# Preference pairs (llava_kit/data/readers/preference.py): LLaMA-Factory's pairwise ShareGPT (`conversations` +
+# `chosen`/`rejected`), the RLAIF-V / VLFeedback layout (`question`, `chosen`, `rejected`, `image`) and OpenAI's
+# preference fine-tuning JSONL (`input.messages`, `preferred_output`, `non_preferred_output`).
+PREFERENCE_FORMATS = ("pairwise", "rlaif-v", "openai-preference")
+DATA_FORMATS = ("auto", "text", *CONVERSATION_FORMATS, *PREFERENCE_FORMATS)
 # The one rule of which stage reads which formats: raw text for text-pt, any conversation for text-sft (records with
 # images are refused there), conversations that may carry images for the multimodal stages.
 STAGE_FORMATS = {"pretrain": ("auto", *IMAGE_FORMATS), "sft": ("auto", *IMAGE_FORMATS), "text-pt": ("auto", "text"),
-                 "text-sft": ("auto", *CONVERSATION_FORMATS)}
+                 "text-sft": ("auto", *CONVERSATION_FORMATS), "dpo": ("auto", *PREFERENCE_FORMATS),
+                 "text-dpo": ("auto", *PREFERENCE_FORMATS)}
 # What a stage does with a record longer than data.max_seq_len (data.overlong), and its default per stage: a cut
 # answer teaches answers that stop mid-way, so conversations skip; a raw-text document cut at the limit is still text.
 OVERLONG_POLICIES = ("skip", "truncate", "error")
-STAGE_OVERLONG = {"pretrain": "skip", "sft": "skip", "text-pt": "truncate", "text-sft": "skip"}
+STAGE_OVERLONG = {"pretrain": "skip", "sft": "skip", "text-pt": "truncate", "text-sft": "skip", "dpo": "skip",
+                  "text-dpo": "skip"}
 DATASET_KEYS = ("path", "format", "weight", "split", "subset")
 # Chat template names (llava_kit/data/templates.py renders them); here so that config checks them without importing
 # the data layer.
@@ -197,6 +208,20 @@ class EvalBenchmarkConfig(Schema):
     """Longest answer in tokens."""
 
 
+class PreferenceConfig(Schema):
+    beta: float = 0.1
+    """How far the policy may move from the reference: the scale of the implicit reward beta * log(pi / pi_ref)
+    (sigmoid, ipo: IPO's tau; simpo: SimPO's beta, typically 2.0; orpo: the weight of the odds-ratio term)."""
+    loss_type: Literal[PREFERENCE_LOSSES] = "sigmoid"
+    """sigmoid (DPO), ipo (IPO, on mean per-token log-probs), simpo (SimPO: no reference, mean log-probs, a margin
+    `simpo_gamma`), orpo (ORPO: no reference, the chosen answer's NLL plus beta x the odds-ratio term)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO / robust to label noise: the assumed fraction of pairs whose labels are flipped, in
+    [0, 0.5) (sigmoid and simpo)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target margin, in units of beta (gamma / beta in the paper's notation)."""
+
+
 class TrainConfig(Schema):
     micro_batch_size: int = 8
     """Samples per device per forward pass."""
@@ -246,12 +271,15 @@ class TrainConfig(Schema):
     eval_benchmark: EvalBenchmarkConfig = Field(default_factory=EvalBenchmarkConfig)
     """Also score a small benchmark subset at every evaluation (off by default; greedy answers of the model being
     trained, through the generation service)."""
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    """Stages dpo and text-dpo: the preference loss and its settings (docs/preference.md)."""
 
 
 class RunConfig(Schema):
     stage: Literal[STAGES] = "pretrain"
     """pretrain (projector only), sft (projector + LoRA on the LLM), text-pt (the LLM alone on raw text, loss on
-    every token), text-sft (the LLM alone on conversations, loss on the answers)."""
+    every token), text-sft (the LLM alone on conversations, loss on the answers), dpo / text-dpo (preference pairs:
+    the chosen answer over the rejected one, with images / text only; LoRA on the LLM)."""
     output_dir: str = ""
     """The run directory: resolved config, trained weights, metrics, loss plot, checkpoints."""
     seed: int = 0
@@ -268,7 +296,8 @@ class RunConfig(Schema):
         """Fill the stage-dependent trainability defaults (pretrain: projector only; sft: + LoRA)."""
         t = self.model.trainable
         t.vision = t.vision or "frozen"
-        t.projector = t.projector or "full"
+        # dpo tunes the LLM: the reference is then the policy with its adapter off (a trained projector needs a copy)
+        t.projector = t.projector or ("frozen" if self.stage == "dpo" else "full")
         t.llm = t.llm or ("frozen" if self.stage == "pretrain" else "lora")
         if self.modality == "text":  # no tower, no projector in a text-only run
             t.vision, t.projector = "frozen", "frozen"
@@ -337,6 +366,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     if t.learning_rate <= 0 or (t.projector_learning_rate is not None and t.projector_learning_rate <= 0):
         problems.append("learning rates must be > 0")
     problems += _held_out_problems(cfg)
+    problems += _preference_problems(cfg)
     if not 0 <= t.lr_warmup_ratio < 1:
         problems.append(f"`train.lr_warmup_ratio` must be in [0, 1), got {t.lr_warmup_ratio}")
     if cfg.model.lora.r < 1 or cfg.model.lora.alpha <= 0:
@@ -378,6 +408,39 @@ def _held_out_problems(cfg: RunConfig) -> list[str]:
     if bench.name and bench.name != "custom" and cfg.modality == "text":
         problems.append(f"`train.eval_benchmark` {bench.name!r} asks about images; stage `{cfg.stage}` trains a text "
                         "model (use `custom` with text-only questions)")
+    return problems
+
+
+def _preference_problems(cfg: RunConfig) -> list[str]:
+    """Checks of the preference stages (dpo, text-dpo) and their `train.preference` settings."""
+    problems, p, stage = [], cfg.train.preference, cfg.stage
+    if stage not in PREFERENCE_STAGES:
+        if p != PreferenceConfig():
+            problems.append(f"`train.preference` sets the loss of stages dpo and text-dpo; stage `{stage}` does not "
+                            "use it: remove it, or set `stage: dpo` (text-dpo for a text model)")
+        return problems
+    if p.beta <= 0:
+        problems.append(f"`train.preference.beta` must be > 0, got {p.beta}")
+    if not 0 <= p.label_smoothing < 0.5:
+        problems.append(f"`train.preference.label_smoothing` must be in [0, 0.5) (the assumed fraction of flipped "
+                        f"pairs), got {p.label_smoothing}")
+    if p.label_smoothing and p.loss_type in ("ipo", "orpo"):
+        problems.append(f"`train.preference.label_smoothing` applies to loss_type sigmoid and simpo; "
+                        f"{p.loss_type} has none: set it to 0")
+    if cfg.data.packing:
+        problems.append(f"`data.packing` is not supported by stage `{stage}` (each pair is scored as two whole "
+                        "sequences); set data.packing: false")
+    if cfg.data.datasets and cfg.modality == "text":  # (the multimodal stages refuse it with the others)
+        problems.append(f"`data.datasets` mixes text datasets; stage `{stage}` reads the files in `data.path`")
+    if cfg.model.trainable.vision == "full":
+        problems.append(f"stage `{stage}` keeps the vision tower frozen (the pair's image is encoded once, for "
+                        "policy and reference); set `model.trainable.vision: frozen`")
+    if cfg.model.trainable.llm == "frozen" and cfg.modality == "multimodal":  # (text stages: checked for all)
+        problems.append(f"stage `{stage}` tunes the LLM; set `model.trainable.llm` to lora (the reference is then the "
+                        "policy with its adapter disabled) or full (a frozen copy is the reference)")
+    if cfg.data.template == "plain":
+        problems.append(f"stage `{stage}` needs a chat template (the answers are the assistant's turns); set "
+                        "`data.template` to chatml, vicuna_v1 or tokenizer")
     return problems
 
 

@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from llava_kit.config import RunConfig, save_config
+from llava_kit.config import PREFERENCE_STAGES, RunConfig, save_config
 from llava_kit.data.dataset import Collator
 from llava_kit.data.packing import PackedCollator
+from llava_kit.data.preference import PreferenceCollator
 from llava_kit.modality import EVAL_DATA_REPORT, modality_for_stage
 from llava_kit.model.trainable import check_qlora_available
 from llava_kit.train.benchmark_probe import BenchmarkProbe
 from llava_kit.train.checkpoints import check_checkpoint, latest_checkpoint, prepare_run_dir, remove_stale_staging
 from llava_kit.train.plots import plot_loss
+from llava_kit.train.preference import PreferenceTrainer
 from llava_kit.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -148,11 +150,15 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
                     cfg.data.eval_path, args.eval_steps, "; the best checkpoint is kept" if cfg.train.keep_best else "")
     probe = BenchmarkProbe(cfg, tokenizer, modality) if cfg.train.eval_benchmark.name else None
 
-    trainer = LlavaTrainer(
+    collator, trainer_class, extra = (PackedCollator if cfg.data.packing else Collator), LlavaTrainer, {}
+    if cfg.stage in PREFERENCE_STAGES:  # pairs of answers: the preference loss (llava_kit/train/preference.py)
+        collator, trainer_class = PreferenceCollator, PreferenceTrainer
+        extra = {"settings": cfg.train.preference}
+    trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-        data_collator=(PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id),
+        data_collator=collator(tokenizer.pad_token_id),
         projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length,
-        benchmark_probe=probe)
+        benchmark_probe=probe, **extra)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = final_weights(trainer)
 
