@@ -15,8 +15,8 @@ Formats (config.PREFERENCE_FORMATS; `auto` detects each record's from its keys, 
 | openai-preference | OpenAI's preference fine-tuning JSONL: `input: {"messages", "tools"}`, `preferred_output` and  |
 |                   | `non_preferred_output` (lists with one assistant message)                                     |
 
-An image without an `<image>` tag in the prompt (RLAIF-V's questions have none) is placed before the first user
-text. Every pair passes the conversation rules twice (sample.check_sample): prompt + chosen, prompt + rejected.
+In `rlaif-v` records an image without an `<image>` tag in the prompt (RLAIF-V's questions have none) is placed
+before the first user text; the other formats need the tags (or image parts), as the conversation readers do. Every pair passes the conversation rules twice (sample.check_sample): prompt + chosen, prompt + rejected.
 LLaMA-Factory entries with `ranking: true` are read as `pairwise` by the preference stages (dataset_info.py).
 """
 
@@ -90,7 +90,7 @@ def _answer(value, key: str, parser: Turns) -> dict:
 
 
 def _pair(prompt: list[dict], record: dict, chosen_key: str, rejected_key: str, parser: Turns,
-          images_value, images_key: str, tools: list[dict]) -> PreferencePair:
+          images_value, images_key: str, tools: list[dict], untagged_images: bool = False) -> PreferencePair:
     chosen = _answer(record.get(chosen_key), chosen_key, parser)
     rejected = _answer(record.get(rejected_key), rejected_key, parser)
     if IMAGE_TOKEN in chosen["content"] or IMAGE_TOKEN in rejected["content"]:
@@ -98,7 +98,7 @@ def _pair(prompt: list[dict], record: dict, chosen_key: str, rejected_key: str, 
                           kind="`<image>` outside a user turn")
     prompt = merge_user_turns(prompt)
     listed = [images_value] if isinstance(images_value, str) else images_value
-    if listed and not parser.slots and isinstance(listed, list):
+    if untagged_images and listed and not parser.slots and isinstance(listed, list):
         # RLAIF-V and VLFeedback questions carry no tag: the images go before the first user text
         first = next((i for i, m in enumerate(prompt) if m["role"] == "user"), None)
         if first is not None:
@@ -165,7 +165,7 @@ def read_rlaif_v(record: dict, columns: dict, tags: Tags | None, text_only: bool
     if isinstance(images, dict) or isinstance(images, list) and any(isinstance(i, dict) for i in images):
         raise RecordError(f"`{images_key}` holds image data (the hub's parquet form); write the images to files and "
                           "give their paths", kind="image data instead of a path")
-    return _pair(prompt, record, "chosen", "rejected", parser, images, images_key, [])
+    return _pair(prompt, record, "chosen", "rejected", parser, images, images_key, [], untagged_images=True)
 
 
 def looks_like_openai_preference(record) -> bool:
