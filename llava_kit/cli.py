@@ -294,9 +294,13 @@ def cmd_compare_projectors(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.preference:
+        from llava_kit.demo.preference import run_preference_demo
+
+        return run_preference_demo(args.workdir or "demo_preference", quick=args.quick, results=args.results)
     from llava_kit.demo import run_demo
 
-    return run_demo(args.workdir, quick=args.quick, results=args.results)
+    return run_demo(args.workdir or "demo_workdir", quick=args.quick, results=args.results)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -332,9 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline end-to-end run on synthetic shapes (pretrain -> sft -> merge -> eval)",
                        description="Generate the synthetic shapes data, build tiny models, train, merge and score "
                                    "held-out questions. Ends with `accuracy: X.XX`; leaves WORKDIR/merged for chat.")
-    p.add_argument("--workdir", default="demo_workdir", help="where data, runs and the merged model go "
-                                                             "(default ./demo_workdir)")
+    p.add_argument("--workdir", default=None, help="where data, runs and the merged model go "
+                                                   "(default ./demo_workdir)")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline (accuracy is low)")
+    p.add_argument("--preference", action="store_true",
+                   help="the preference recipe instead: an sft that names absent shapes, then dpo; prints how often "
+                        "answers name an absent shape before and after (docs/preference.md; default workdir "
+                        "./demo_preference)")
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("init-tiny", help="write tiny random models: OUT_DIR/vision and OUT_DIR/llm",

@@ -103,3 +103,21 @@ def test_text_dpo_trains_the_llm_alone_on_text_pairs(make_config, tmp_path):
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "rewards/accuracies" in steps[0] and (run_dir / "adapter").is_dir()
     assert json.loads((run_dir / "data_report.json").read_text())["kept"] == 8
+
+
+@pytest.mark.slow
+def test_the_preference_recipe_runs_through_the_cli_and_measures_through_chat(tmp_path):
+    """`llava-kit demo --preference --quick`: every stage of the recipe and both measurements (about a minute)."""
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import REPO
+
+    result = subprocess.run([sys.executable, "-m", "llava_kit.cli", "demo", "--preference", "--quick", "--workdir",
+                             str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("before (sft): names an absent shape") and lines[1].startswith("after (dpo):")
+    summary = json.loads((tmp_path / "preference_summary.json").read_text())
+    assert set(summary["figures"]) == {"before (sft)", "after (dpo)"}
+    assert (tmp_path / "merged_dpo" / "model.safetensors").is_file()
