@@ -67,6 +67,21 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "warmup_stable_decay", "greedy")
 REPORT_INTEGRATIONS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow",
                        "mlflow", "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+# transformers' optimizer names (`TrainingArguments.optim`) that llava-kit offers; tests/unit/test_config.py checks
+# them against transformers' OptimizerNames. Which need what: OPTIMIZER_NEEDS.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit",
+              "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit",
+              "paged_lion_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+              "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise")
+GALORE_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o.startswith("galore"))
+BNB_OPTIMIZERS = tuple(o for o in OPTIMIZERS if "8bit" in o or "paged" in o or o.startswith("lion"))
+OPTIMIZER_NEEDS = {o: (("galore_torch",) if o in GALORE_OPTIMIZERS else ()) + (("bitsandbytes",) if o in BNB_OPTIMIZERS
+                                                                             else ())
+                   for o in OPTIMIZERS}
+"""Per optimizer: the Python packages it needs (each of them also a CUDA GPU, as transformers runs them)."""
+LORA_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
+"""`model.lora.init` -> peft's `init_lora_weights`. pissa, olora and loftq change the base weights too."""
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # transformers' pattern of an attention kernel from the hub (integrations/hub_kernels.py `is_kernel`)
 HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
@@ -124,6 +139,20 @@ class LoraConfig(Schema):
     """Rank-stabilised LoRA (peft): scale = alpha / sqrt(r) instead of alpha / r."""
     use_dora: bool = False
     """Weight-decomposed LoRA (peft DoRA): slower per step, often better at low rank."""
+    init: Literal[tuple(LORA_INITS)] = "default"
+    """How peft initialises the adapter (`init_lora_weights`): default (B = 0), gaussian, pissa (the principal singular
+    vectors; the base keeps the residual), olora (QR), loftq (4-bit quantisation-aware: the base becomes its
+    quantised residual). pissa, olora and loftq change the base, so such a run saves its LLM whole (llm/)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (peft create_loraplus_optimizer): the B matrices learn at this multiple of the learning rate (e.g. 16);
+    None: off."""
+
+
+class FreezeConfig(Schema):
+    train_layers: int = 2
+    """`model.trainable.llm: freeze`: train the last N decoder layers of the LLM (negative: the first N)."""
+    train_modules: list[str] = Field(default_factory=list)
+    """... and these modules of the causal LM too, by their exact path (e.g. [lm_head, model.norm])."""
 
 
 class TrainableConfig(Schema):
@@ -131,8 +160,9 @@ class TrainableConfig(Schema):
     """Vision tower: frozen (default) or full."""
     projector: Literal["frozen", "full"] | None = None
     """Projector: full (default) or frozen."""
-    llm: Literal["frozen", "lora", "qlora", "full"] | None = None
-    """LLM: frozen for pretrain, lora for sft and text stages by default; full fine-tunes every weight;
+    llm: Literal["frozen", "lora", "qlora", "full", "freeze"] | None = None
+    """LLM: frozen for pretrain, lora for sft and text stages by default; full fine-tunes every weight; freeze trains
+    the last `model.freeze.train_layers` decoder layers (and `model.freeze.train_modules`), the rest frozen, no LoRA;
     qlora is LoRA on a 4-bit (NF4) base, which needs a CUDA GPU and bitsandbytes."""
 
 
@@ -142,6 +172,8 @@ class ModelConfig(Schema):
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
     trainable: TrainableConfig = Field(default_factory=TrainableConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    """Which parts of the LLM `model.trainable.llm: freeze` trains."""
     init_from: str | None = None
     """A previous run directory (e.g. a pretrain run) whose projector starts this run."""
 
@@ -236,6 +268,14 @@ class TrainConfig(Schema):
     projector_learning_rate: float | None = None
     """Peak learning rate of the projector; None uses learning_rate."""
     weight_decay: float = 0.0
+    optim: Literal[OPTIMIZERS] = "adamw_torch"
+    """The optimizer, by transformers' name: adamw_torch, adafactor, sgd, ...; adamw_8bit, paged_adamw_8bit, lion_*
+    (bitsandbytes) and galore_* (galore_torch, full or freeze tuning, `optim_target_modules`) need a CUDA GPU."""
+    optim_target_modules: list[str] = Field(default_factory=list)
+    """GaLore: the modules whose gradients are projected (names or regexes transformers matches, e.g. [attn, mlp])."""
+    neftune_noise_alpha: float | None = None
+    """NEFTune (transformers): uniform noise of this scale (e.g. 5) on the token embeddings while training, never at
+    evaluation or inference; None: off."""
     lr_scheduler: Literal[LR_SCHEDULERS] = "cosine"
     """A transformers scheduler: cosine, linear, constant, constant_with_warmup, ... (LR_SCHEDULERS lists them)."""
     lr_warmup_ratio: float = 0.03
@@ -367,6 +407,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         problems.append("learning rates must be > 0")
     problems += _held_out_problems(cfg)
     problems += _preference_problems(cfg)
+    problems += _tuning_problems(cfg)
     if not 0 <= t.lr_warmup_ratio < 1:
         problems.append(f"`train.lr_warmup_ratio` must be in [0, 1), got {t.lr_warmup_ratio}")
     if cfg.model.lora.r < 1 or cfg.model.lora.alpha <= 0:
@@ -441,6 +482,57 @@ def _preference_problems(cfg: RunConfig) -> list[str]:
     if cfg.data.template == "plain":
         problems.append(f"stage `{stage}` needs a chat template (the answers are the assistant's turns); set "
                         "`data.template` to chatml, vicuna_v1 or tokenizer")
+    return problems
+
+
+def _tuning_problems(cfg: RunConfig) -> list[str]:
+    """Checks of the LoRA variants and training tricks: each refused with the reason where it cannot apply."""
+    problems, t, lora, llm = [], cfg.train, cfg.model.lora, cfg.model.trainable.llm
+    adapter = llm in ("lora", "qlora")
+    if lora.loraplus_lr_ratio is not None:
+        if lora.loraplus_lr_ratio <= 0:
+            problems.append(f"`model.lora.loraplus_lr_ratio` must be > 0 (typically 16), got {lora.loraplus_lr_ratio}")
+        if not adapter:
+            problems.append(f"`model.lora.loraplus_lr_ratio` sets the learning rate of LoRA's B matrices; "
+                            f"`model.trainable.llm` is {llm}: set it to lora, or remove loraplus_lr_ratio")
+    if lora.init != "default":
+        if not adapter:
+            problems.append(f"`model.lora.init` {lora.init} initialises a LoRA adapter; `model.trainable.llm` is {llm}")
+        if lora.init == "loftq" and llm == "qlora":
+            problems.append("`model.lora.init` loftq quantises the base itself; use it with `model.trainable.llm: "
+                            "lora` (not qlora)")
+        if lora.init in BASE_CHANGING_INITS and cfg.stage in PREFERENCE_STAGES:
+            problems.append(f"`model.lora.init` {lora.init} changes the base weights, so the adapter-disabled "
+                            f"reference of stage `{cfg.stage}` would not be the starting model; use init default "
+                            "or gaussian")
+        if lora.init in BASE_CHANGING_INITS and t.deepspeed:
+            problems.append(f"`model.lora.init` {lora.init} saves the LLM whole at the end (its base changed); not "
+                            "supported with `train.deepspeed`")
+    if llm == "freeze":
+        if cfg.model.freeze.train_layers == 0 and not cfg.model.freeze.train_modules:
+            problems.append("`model.trainable.llm` freeze trains nothing: set `model.freeze.train_layers` (the last N "
+                            "layers; negative: the first N) or `model.freeze.train_modules`")
+    if t.neftune_noise_alpha is not None:
+        if t.neftune_noise_alpha <= 0:
+            problems.append(f"`train.neftune_noise_alpha` must be > 0 (typically 5), got {t.neftune_noise_alpha}")
+        if cfg.stage in PREFERENCE_STAGES:
+            problems.append(f"`train.neftune_noise_alpha` would noise the reference pass of stage `{cfg.stage}` too; "
+                            "remove it")
+    needs = OPTIMIZER_NEEDS[t.optim]
+    if needs and t.use_cpu:
+        problems.append(f"`train.optim` {t.optim} needs a CUDA GPU ({' and '.join(needs)}) but `train.use_cpu` is "
+                        "true; use adamw_torch or adafactor on a CPU")
+    if t.optim in GALORE_OPTIMIZERS:
+        if llm not in ("full", "freeze"):
+            problems.append(f"`train.optim` {t.optim} (GaLore) projects the gradients of full weights; set "
+                            f"`model.trainable.llm` to full or freeze (it is {llm})")
+        if not t.optim_target_modules:
+            problems.append(f"`train.optim` {t.optim} needs `train.optim_target_modules` (e.g. [attn, mlp])")
+        if t.projector_learning_rate is not None:
+            problems.append(f"`train.optim` {t.optim} builds its own parameter groups; remove "
+                            "`train.projector_learning_rate`")
+    elif t.optim_target_modules:
+        problems.append("`train.optim_target_modules` is for the GaLore optimizers (train.optim galore_*); remove it")
     return problems
 
 

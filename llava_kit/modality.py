@@ -114,7 +114,7 @@ class MultimodalModality(Modality):
         if cfg.model.init_from:
             load_projector(model, cfg.model.init_from, template=cfg.data.template)
             logger.info("projector initialised from %s", cfg.model.init_from)
-        apply_trainability(model, cfg.model.trainable, cfg.model.lora, checkpointing)
+        apply_trainability(model, cfg.model.trainable, cfg.model.lora, checkpointing, cfg.model.freeze)
         return model, tokenizer
 
     def build_dataset(self, cfg, model, tokenizer, device, report=DATA_REPORT):
@@ -183,7 +183,7 @@ class TextModality(Modality):
 
     def build_for_training(self, cfg, precision, attention, checkpointing):
         from llava_kit.model.build import load_llm, load_tokenizer
-        from llava_kit.model.trainable import add_lora, qlora_settings
+        from llava_kit.model.trainable import add_lora, apply_freeze, qlora_settings
 
         remote_code = cfg.model.llm.trust_remote_code
         tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, remote_code)
@@ -192,6 +192,9 @@ class TextModality(Modality):
         llm = load_llm(cfg.model.llm.name_or_path, dtype, quantization, remote_code, attention)
         if mode in ("lora", "qlora"):
             llm = add_lora(llm, cfg.model.lora, quantized=mode == "qlora", gradient_checkpointing=checkpointing)
+        elif mode == "freeze":
+            llm.requires_grad_(False)
+            logger.info("freeze tuning: training %s of the LLM", ", ".join(apply_freeze(llm, cfg.model.freeze)))
         else:
             llm.requires_grad_(True)
         trained = sum(p.numel() for p in llm.parameters() if p.requires_grad)
