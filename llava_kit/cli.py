@@ -212,7 +212,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         given += [f"data.image_root={json.dumps(args.image_root)}"] if args.image_root else []
         cfg = load_config(args.config, ["output_dir=unused", *overrides, *given])  # a check writes nothing
     fmt = args.format or (cfg.data.format if cfg else "auto")
-    if (cfg is not None and cfg.modality == "text") or (cfg is None and fmt == "text"):
+    from llava_kit.config import PREFERENCE_FORMATS, PREFERENCE_STAGES
+
+    if cfg is not None and cfg.stage in PREFERENCE_STAGES:  # pairs, encoded as dpo / text-dpo train on them
+        report = _check_pairs(cfg)
+    elif cfg is None and fmt in PREFERENCE_FORMATS:
+        from llava_kit.data.check import check_pairs
+
+        report = check_pairs(files, fmt, "dpo", args.image_root)
+    elif (cfg is not None and cfg.modality == "text") or (cfg is None and fmt == "text"):
         report = _check_text(cfg, files, fmt)
     elif cfg is not None:
         from llava_kit.data.multimodal import encode_settings
@@ -225,6 +233,25 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         report = check_records(files, fmt, None, args.image_root)
     _print_check(report, cfg, args.results)
     return 0 if not report.skipped else 1
+
+
+def _check_pairs(cfg):
+    from llava_kit.data.check import check_pairs
+    from llava_kit.data.encode import EncodeSettings
+
+    d = cfg.data
+    if cfg.modality == "text":
+        from llava_kit.model.build import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, cfg.model.llm.trust_remote_code)
+        settings = EncodeSettings(tokenizer, d.template, d.max_seq_len, d.overlong, d.system_prompt)
+    else:
+        from llava_kit.model.build import build_llava
+
+        model, tokenizer = build_llava(cfg.model)
+        settings = EncodeSettings(tokenizer, d.template, d.max_seq_len, d.overlong, d.system_prompt,
+                                  model.image_token_id, model.tokens_per_image)
+    return check_pairs(d.path, d.format, cfg.stage, d.image_root if cfg.modality != "text" else "", settings)
 
 
 def _check_text(cfg, files: list[str], fmt: str):

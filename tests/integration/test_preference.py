@@ -121,3 +121,20 @@ def test_the_preference_recipe_runs_through_the_cli_and_measures_through_chat(tm
     summary = json.loads((tmp_path / "preference_summary.json").read_text())
     assert set(summary["figures"]) == {"before (sft)", "after (dpo)"}
     assert (tmp_path / "merged_dpo" / "model.safetensors").is_file()
+
+
+def test_data_check_reads_pairs_with_a_dpo_config_or_a_preference_format(tmp_path, capsys, monkeypatch, pairs_file):
+    from llava_kit.cli import main
+    from tests.integration.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "train/000000.png", "question": "What?", "chosen": "A.", "rejected": "A."})
+                   + "\n" + json.dumps({"image": "train/000000.png", "question": "What?", "chosen": "A square.",
+                                        "rejected": "Two squares."}) + "\n")
+    assert main(["data", "check", str(bad), "--config", "configs/tiny/dpo.yaml"]) == 1
+    out = capsys.readouterr().out
+    assert "the same text: nothing to prefer" in out and out.strip().splitlines()[-1] == "valid: 1 invalid: 1"
+    assert main(["data", "check", str(pairs_file), "--format", "pairwise", "--image-root",
+                 str(SHAPES / "images")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "valid: 48 invalid: 0"
