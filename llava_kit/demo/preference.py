@@ -85,7 +85,7 @@ def hallucinating_sft(records: list[dict], rate: float, seed: int = 0) -> list[d
 class PreferenceRecipe:
     """The preference recipe's numbers: the demo's models and stages, an sft that hallucinates, then dpo."""
 
-    demo: DemoRecipe = field(default_factory=lambda: DemoRecipe(sft_steps=800))
+    demo: DemoRecipe = field(default_factory=lambda: DemoRecipe(sft_steps=500))
     hallucination_rate: float = 0.7
     """Fraction of the sft descriptions that name a second, absent shape."""
     dpo_steps: int = 120
@@ -132,17 +132,24 @@ def run_preference_demo(workdir: str | Path = "demo_preference", quick: bool = F
     absent shape -> merge (before) -> dpo on pairs (true description chosen, hallucinated rejected) -> merge (after);
     both measured through the generation service on held-out images. Prints the figures; writes
     WORKDIR/preference_summary.json."""
-    import yaml
-
-    from llava_kit.config import load_config
-    from llava_kit.demo.pipeline import _stage, prepare_shapes
-    from llava_kit.export.merge import merge_run
-    from llava_kit.train.engine import train
+    from llava_kit.demo.pipeline import prepare_shapes
 
     recipe = recipe or (PreferenceRecipe.quick() if quick else PreferenceRecipe())
     workdir = Path(workdir).resolve()
     timings: dict[str, float] = {}
     prepared = prepare_shapes(recipe.demo, workdir, timings)
+    return train_and_measure(recipe, workdir, prepared, timings, results)
+
+
+def train_and_measure(recipe: PreferenceRecipe, workdir: Path, prepared: dict, timings: dict, results=None) -> int:
+    """The recipe after the demo's preparation (`prepare_shapes`: data, tiny models, tower warm-up, text-pt)."""
+    import yaml
+
+    from llava_kit.config import load_config
+    from llava_kit.demo.pipeline import _stage
+    from llava_kit.export.merge import merge_run
+    from llava_kit.train.engine import train
+
     configs = prepared["configs"]
     sft_records = json.loads(Path(prepared["sft"]).read_text())
     hallucinating = workdir / "data" / "sft_hallucinating.json"

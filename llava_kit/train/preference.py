@@ -69,7 +69,9 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: to
         losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     elif kind == "orpo":
         reward_chosen, reward_rejected = beta * chosen, beta * rejected
-        log_odds = (chosen - rejected) - (torch.log(-torch.expm1(chosen)) - torch.log(-torch.expm1(rejected)))
+        # log(1 - p) of a mean log-prob a: log(-expm1(a)), kept finite when a answer is (nearly) certain
+        c, r = chosen.clamp(max=-1e-6), rejected.clamp(max=-1e-6)
+        log_odds = (c - r) - (torch.log(-torch.expm1(c)) - torch.log(-torch.expm1(r)))
         losses = -chosen - beta * F.logsigmoid(log_odds)
     else:
         raise ValueError(f"unknown loss_type {kind!r}")  # config.PREFERENCE_LOSSES is checked before a run
