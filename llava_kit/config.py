@@ -251,7 +251,10 @@ class PreferenceConfig(Schema):
     """Conservative DPO / robust to label noise: the assumed fraction of pairs whose labels are flipped, in
     [0, 0.5) (sigmoid and simpo)."""
     simpo_gamma: float = 0.5
-    """SimPO's target margin, in units of beta (gamma / beta in the paper's notation)."""
+    """SimPO's target reward margin gamma: the loss is -log sigmoid(beta x (mean log-prob difference) - gamma)."""
+    sft_weight: float = 0.0
+    """Add the chosen answer's mean NLL times this weight (LLaMA-Factory's pref_ftx, RPO's alpha): keeps the chosen
+    answers likely while the rejected ones fall; 0: off (sigmoid, ipo, simpo; orpo has its own NLL term)."""
 
 
 class TrainConfig(Schema):
@@ -465,6 +468,9 @@ def _preference_problems(cfg: RunConfig) -> list[str]:
     if not 0 <= p.label_smoothing < 0.5:
         problems.append(f"`train.preference.label_smoothing` must be in [0, 0.5) (the assumed fraction of flipped "
                         f"pairs), got {p.label_smoothing}")
+    if p.sft_weight < 0 or (p.sft_weight and p.loss_type == "orpo"):
+        problems.append(f"`train.preference.sft_weight` must be >= 0, and 0 with loss_type orpo (its loss holds the "
+                        f"chosen answer's NLL already), got {p.sft_weight}")
     if p.label_smoothing and p.loss_type in ("ipo", "orpo"):
         problems.append(f"`train.preference.label_smoothing` applies to loss_type sigmoid and simpo; "
                         f"{p.loss_type} has none: set it to 0")

@@ -48,10 +48,12 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: to
                     loss = -(1 - eps) log sigmoid(beta h - gamma) - eps log sigmoid(-(beta h - gamma))
     orpo:           a = mean log-probs;  log odds(p) = a - log(1 - exp(a))
                     loss = -a_chosen - beta log sigmoid(log odds(chosen) - log odds(rejected))
+    sft_weight w > 0 adds w x the chosen answer's mean NLL (LLaMA-Factory's pref_ftx, RPO).
     Rewards: beta x (log-prob - reference log-prob) for sigmoid and ipo (on the log-probs the loss uses), beta x
     mean log-prob for simpo and orpo.
     """
     beta, eps, kind = settings.beta, settings.label_smoothing, settings.loss_type
+    chosen_nll = -chosen / n_chosen.clamp(min=1)  # [B] mean per answer token (sft_weight)
     if kind in ("ipo", "simpo", "orpo"):  # mean per-token log-probs: long answers are not favoured
         chosen, rejected = chosen / n_chosen.clamp(min=1), rejected / n_rejected.clamp(min=1)
         if ref_chosen is not None:
@@ -75,6 +77,8 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: to
         losses = -chosen - beta * F.logsigmoid(log_odds)
     else:
         raise ValueError(f"unknown loss_type {kind!r}")  # config.PREFERENCE_LOSSES is checked before a run
+    if settings.sft_weight:
+        losses = losses + settings.sft_weight * chosen_nll
     metrics = {"rewards/chosen": reward_chosen.mean(), "rewards/rejected": reward_rejected.mean(),
                "rewards/margins": (reward_chosen - reward_rejected).mean(),
                "rewards/accuracies": (reward_chosen > reward_rejected).float().mean(),

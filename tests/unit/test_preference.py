@@ -37,6 +37,12 @@ def test_dpo_sigmoid_loss_and_metrics_by_hand():
     assert m["logps/chosen"].item() == -2.5 and m["logps/rejected"].item() == -2.5
 
 
+def test_the_sft_term_adds_the_chosen_answers_mean_nll():
+    loss, _ = loss_of(beta=0.1, sft_weight=1.0)
+    # mean NLL of the chosen answers: pair 1 -(-1) / 2 = 0.5, pair 2 -(-4) / 4 = 1.0 -> the mean rises by 0.75
+    assert loss.item() == pytest.approx((0.598139 + 0.798139) / 2 + 0.75, abs=1e-5)
+
+
 def test_label_smoothing_ipo_simpo_and_orpo_by_hand():
     smoothed, _ = loss_of(beta=0.1, label_smoothing=0.2)
     # pair 1: 0.8 x 0.598139 + 0.2 x 0.798139 = 0.638139; pair 2: 0.8 x 0.798139 + 0.2 x 0.598139 = 0.758139
@@ -176,6 +182,7 @@ def test_dpo_defaults_lora_on_the_llm_and_a_frozen_projector():
     ("dpo", {"train__preference__beta": 0}, "beta` must be > 0"),
     ("dpo", {"train__preference__label_smoothing": 0.5}, "must be in [0, 0.5)"),
     ("sft", {"train__preference__beta": 0.2}, "stage `sft` does not use it"),
+    ("dpo", {"train__preference__loss_type": "orpo", "train__preference__sft_weight": 1.0}, "0 with loss_type orpo"),
     ("dpo", {"data__format": "sharegpt"}, "is not read by stage `dpo`"),
 ])
 def test_preference_settings_are_checked_up_front(stage, sections, message):
