@@ -74,7 +74,7 @@ def test_loraplus_puts_the_b_matrices_at_ratio_times_the_learning_rate(make_conf
             assert lr_of[id(p)] == pytest.approx(want), name
 
 
-@pytest.mark.parametrize("init", [pytest.param("pissa", marks=pytest.mark.slow), "olora"])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_and_olora_start_from_the_same_function_and_save_the_llm_whole(make_config, text_data, init):
     from llava_kit.model.build import load_llm
 
