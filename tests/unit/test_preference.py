@@ -84,6 +84,10 @@ TRL = {"images": ["a.png"], "prompt": [{"role": "user", "content": [{"type": "im
                                                                                           "text": "What?"}]}],
        "chosen": [{"role": "assistant", "content": "A square."}],
        "rejected": [{"role": "assistant", "content": "A cat."}]}
+CAPTIONER = {"id": "3f2a-preference", "image": "a.png", "question": "Describe the image in detail.", "chosen": "A square.",
+             "rejected": "A square and a cat.", "scores": [8, 3], "samples": ["A square.", "A square and a cat."],
+             "judge_reason": "...", "sampler": "sft-merged", "task": "preference", "model": "gpt-4o", "sha256": "ab"}
+"""What `llava-kit caption --task preference` writes (main's data_gen, docs/data_gen.md): read as it is."""
 OPENAI = {"input": {"messages": [{"role": "user", "content": [
               {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "a.png"}}]}]},
           "preferred_output": [{"role": "assistant", "content": "A square."}],
@@ -96,6 +100,7 @@ OPENAI = {"input": {"messages": [{"role": "user", "content": [
     (ALPACA_PAIRWISE, "pairwise", [{"role": "user", "content": "Say hi\n\npolitely"}], "Hello."),
     (RLAIF_V, "rlaif-v", [{"role": "user", "content": "<image>\nWhat is shown?"}], "A square."),
     (TRL, "rlaif-v", [{"role": "user", "content": "<image>\nWhat?"}], "A square."),
+    (CAPTIONER, "rlaif-v", [{"role": "user", "content": "<image>\nDescribe the image in detail."}], "A square."),
     (OPENAI, "openai-preference", [{"role": "user", "content": "What is this?\n<image>"}], "A square."),
 ])
 def test_each_preference_format_reads_into_one_pair(record, fmt, prompt, chosen):
