@@ -302,7 +302,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         given += [f"data.image_root={json.dumps(args.image_root)}"] if args.image_root else []
         cfg = load_config(args.config, ["output_dir=unused", *overrides, *given])  # a check writes nothing
     fmt = args.format or (cfg.data.format if cfg else "auto")
-    if (cfg is not None and cfg.modality == "text") or (cfg is None and fmt == "text"):
+    from llava_kit.config import PREFERENCE_FORMATS, PREFERENCE_STAGES
+
+    if cfg is not None and cfg.stage in PREFERENCE_STAGES:  # pairs, encoded as dpo / text-dpo train on them
+        report = _check_pairs(cfg)
+    elif cfg is None and fmt in PREFERENCE_FORMATS:
+        from llava_kit.data.check import check_pairs
+
+        report = check_pairs(files, fmt, "dpo", args.image_root)
+    elif (cfg is not None and cfg.modality == "text") or (cfg is None and fmt == "text"):
         report = _check_text(cfg, files, fmt)
     elif cfg is not None:
         from llava_kit.data.multimodal import encode_settings
@@ -315,6 +323,25 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         report = check_records(files, fmt, None, args.image_root)
     _print_check(report, cfg, args.results)
     return 0 if not report.skipped else 1
+
+
+def _check_pairs(cfg):
+    from llava_kit.data.check import check_pairs
+    from llava_kit.data.encode import EncodeSettings
+
+    d = cfg.data
+    if cfg.modality == "text":
+        from llava_kit.model.build import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, cfg.model.llm.trust_remote_code)
+        settings = EncodeSettings(tokenizer, d.template, d.max_seq_len, d.overlong, d.system_prompt)
+    else:
+        from llava_kit.model.build import build_llava
+
+        model, tokenizer = build_llava(cfg.model)
+        settings = EncodeSettings(tokenizer, d.template, d.max_seq_len, d.overlong, d.system_prompt,
+                                  model.image_token_id, model.tokens_per_image)
+    return check_pairs(d.path, d.format, cfg.stage, d.image_root if cfg.modality != "text" else "", settings)
 
 
 def _check_text(cfg, files: list[str], fmt: str):
@@ -384,9 +411,15 @@ def cmd_compare_projectors(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.preference and args.task != "shapes":
+        raise UsageError("--preference runs its own recipe on the shapes task; drop --task")
+    if args.preference:
+        from llava_kit.demo.preference import run_preference_demo
+
+        return run_preference_demo(args.workdir or "demo_preference", quick=args.quick, results=args.results)
     from llava_kit.demo import run_demo
 
-    return run_demo(args.workdir, quick=args.quick, results=args.results, task=args.task)
+    return run_demo(args.workdir or "demo_workdir", quick=args.quick, results=args.results, task=args.task)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -425,12 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline end-to-end run on synthetic shapes (pretrain -> sft -> merge -> eval)",
                        description="Generate the synthetic shapes data, build tiny models, train, merge and score "
                                    "held-out questions. Ends with `accuracy: X.XX`; leaves WORKDIR/merged for chat.")
-    p.add_argument("--workdir", default="demo_workdir", help="where data, runs and the merged model go "
-                                                             "(default ./demo_workdir)")
+    p.add_argument("--workdir", default=None, help="where data, runs and the merged model go "
+                                                   "(default ./demo_workdir)")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline (accuracy is low)")
     p.add_argument("--task", default="shapes", choices=["shapes", "wide"],
                    help="shapes (default), or wide: shapes on 2:1 to 3:1 canvases read at any resolution (AnyRes "
                         "tiles; docs/high-resolution.md)")
+    p.add_argument("--preference", action="store_true",
+                   help="the preference recipe instead: an sft that names absent shapes, then dpo; prints how often "
+                        "answers name an absent shape before and after (docs/preference.md; default workdir "
+                        "./demo_preference)")
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("init-tiny", help="write tiny random models: OUT_DIR/vision and OUT_DIR/llm",

@@ -20,11 +20,16 @@ from llava_kit.errors import ConfigError
 from llava_kit.schema import Described, Schema, did_you_mean, dump_yaml, load_yaml_file, validate_data
 from llava_kit.schema import apply_overrides as apply_overrides
 
-STAGE_MODALITY = {"pretrain": "multimodal", "sft": "multimodal", "text-pt": "text", "text-sft": "text"}
+STAGE_MODALITY = {"pretrain": "multimodal", "sft": "multimodal", "text-pt": "text", "text-sft": "text",
+                  "dpo": "multimodal", "text-dpo": "text"}
 """Which modality each stage trains, the one table to ask (llava_kit/modality.py holds what differs between them)."""
 STAGES = tuple(STAGE_MODALITY)
 MULTIMODAL_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "multimodal")
 TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")
+PREFERENCE_STAGES = ("dpo", "text-dpo")
+"""Stages that learn from pairs of answers (chosen over rejected; llava_kit/train/preference.py, docs/preference.md)."""
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+"""`train.preference.loss_type`: DPO's sigmoid, IPO, and the reference-free SimPO and ORPO."""
 
 # Record formats, written out once (llava_kit/data/readers/ has one reader per name; docs/data.md describes them):
 # the conversation formats, those of them whose records may carry images, and every value of `data.format` (`text`
@@ -32,15 +37,21 @@ TEXT_STAGES = tuple(s for s, m in STAGE_MODALITY.items() if m == "text")
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "openai", "moss", "llava")
 IMAGE_FORMATS = ("llava", "sharegpt", "openai", "alpaca")
 WRITABLE_FORMATS = ("llava", "sharegpt", "openai")  # what `llava-kit data convert --to` writes
-DATA_FORMATS = ("auto", "text", *CONVERSATION_FORMATS)
+# Preference pairs (llava_kit/data/readers/preference.py): LLaMA-Factory's pairwise ShareGPT (`conversations` +
+# `chosen`/`rejected`), the RLAIF-V / VLFeedback layout (`question`, `chosen`, `rejected`, `image`) and OpenAI's
+# preference fine-tuning JSONL (`input.messages`, `preferred_output`, `non_preferred_output`).
+PREFERENCE_FORMATS = ("pairwise", "rlaif-v", "openai-preference")
+DATA_FORMATS = ("auto", "text", *CONVERSATION_FORMATS, *PREFERENCE_FORMATS)
 # The one rule of which stage reads which formats: raw text for text-pt, any conversation for text-sft (records with
 # images are refused there), conversations that may carry images for the multimodal stages.
 STAGE_FORMATS = {"pretrain": ("auto", *IMAGE_FORMATS), "sft": ("auto", *IMAGE_FORMATS), "text-pt": ("auto", "text"),
-                 "text-sft": ("auto", *CONVERSATION_FORMATS)}
+                 "text-sft": ("auto", *CONVERSATION_FORMATS), "dpo": ("auto", *PREFERENCE_FORMATS),
+                 "text-dpo": ("auto", *PREFERENCE_FORMATS)}
 # What a stage does with a record longer than data.max_seq_len (data.overlong), and its default per stage: a cut
 # answer teaches answers that stop mid-way, so conversations skip; a raw-text document cut at the limit is still text.
 OVERLONG_POLICIES = ("skip", "truncate", "error")
-STAGE_OVERLONG = {"pretrain": "skip", "sft": "skip", "text-pt": "truncate", "text-sft": "skip"}
+STAGE_OVERLONG = {"pretrain": "skip", "sft": "skip", "text-pt": "truncate", "text-sft": "skip", "dpo": "skip",
+                  "text-dpo": "skip"}
 DATASET_KEYS = ("path", "format", "weight", "split", "subset")
 # Chat template names (llava_kit/data/templates.py renders them); here so that config checks them without importing
 # the data layer.
@@ -56,6 +67,21 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "warmup_stable_decay", "greedy")
 REPORT_INTEGRATIONS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow",
                        "mlflow", "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+# transformers' optimizer names (`TrainingArguments.optim`) that llava-kit offers; tests/unit/test_config.py checks
+# them against transformers' OptimizerNames. Which need what: OPTIMIZER_NEEDS.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit",
+              "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit",
+              "paged_lion_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+              "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise")
+GALORE_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o.startswith("galore"))
+BNB_OPTIMIZERS = tuple(o for o in OPTIMIZERS if "8bit" in o or "paged" in o or o.startswith("lion"))
+OPTIMIZER_NEEDS = {o: (("galore_torch",) if o in GALORE_OPTIMIZERS else ()) + (("bitsandbytes",) if o in BNB_OPTIMIZERS
+                                                                             else ())
+                   for o in OPTIMIZERS}
+"""Per optimizer: the Python packages it needs (each of them also a CUDA GPU, as transformers runs them)."""
+LORA_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
+"""`model.lora.init` -> peft's `init_lora_weights`. pissa, olora and loftq change the base weights too."""
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # transformers' pattern of an attention kernel from the hub (integrations/hub_kernels.py `is_kernel`)
 HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
@@ -139,6 +165,20 @@ class LoraConfig(Schema):
     """Rank-stabilised LoRA (peft): scale = alpha / sqrt(r) instead of alpha / r."""
     use_dora: bool = False
     """Weight-decomposed LoRA (peft DoRA): slower per step, often better at low rank."""
+    init: Literal[tuple(LORA_INITS)] = "default"
+    """How peft initialises the adapter (`init_lora_weights`): default (B = 0), gaussian, pissa (the principal singular
+    vectors; the base keeps the residual), olora (QR), loftq (4-bit quantisation-aware: the base becomes its
+    quantised residual). pissa, olora and loftq change the base, so such a run saves its LLM whole (llm/)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (peft create_loraplus_optimizer): the B matrices learn at this multiple of the learning rate (e.g. 16);
+    None: off."""
+
+
+class FreezeConfig(Schema):
+    train_layers: int = 2
+    """`model.trainable.llm: freeze`: train the last N decoder layers of the LLM (negative: the first N)."""
+    train_modules: list[str] = Field(default_factory=list)
+    """... and these modules of the causal LM too, by their exact path (e.g. [lm_head, model.norm])."""
 
 
 class TrainableConfig(Schema):
@@ -146,8 +186,9 @@ class TrainableConfig(Schema):
     """Vision tower: frozen (default) or full."""
     projector: Literal["frozen", "full"] | None = None
     """Projector: full (default) or frozen."""
-    llm: Literal["frozen", "lora", "qlora", "full"] | None = None
-    """LLM: frozen for pretrain, lora for sft and text stages by default; full fine-tunes every weight;
+    llm: Literal["frozen", "lora", "qlora", "full", "freeze"] | None = None
+    """LLM: frozen for pretrain, lora for sft and text stages by default; full fine-tunes every weight; freeze trains
+    the last `model.freeze.train_layers` decoder layers (and `model.freeze.train_modules`), the rest frozen, no LoRA;
     qlora is LoRA on a 4-bit (NF4) base, which needs a CUDA GPU and bitsandbytes."""
 
 
@@ -157,6 +198,8 @@ class ModelConfig(Schema):
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
     trainable: TrainableConfig = Field(default_factory=TrainableConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    """Which parts of the LLM `model.trainable.llm: freeze` trains."""
     init_from: str | None = None
     """A previous run directory (e.g. a pretrain run) whose projector starts this run."""
 
@@ -223,6 +266,23 @@ class EvalBenchmarkConfig(Schema):
     """Longest answer in tokens."""
 
 
+class PreferenceConfig(Schema):
+    beta: float = 0.1
+    """How far the policy may move from the reference: the scale of the implicit reward beta * log(pi / pi_ref)
+    (sigmoid, ipo: IPO's tau; simpo: SimPO's beta, typically 2.0; orpo: the weight of the odds-ratio term)."""
+    loss_type: Literal[PREFERENCE_LOSSES] = "sigmoid"
+    """sigmoid (DPO), ipo (IPO, on mean per-token log-probs), simpo (SimPO: no reference, mean log-probs, a margin
+    `simpo_gamma`), orpo (ORPO: no reference, the chosen answer's NLL plus beta x the odds-ratio term)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO / robust to label noise: the assumed fraction of pairs whose labels are flipped, in
+    [0, 0.5) (sigmoid and simpo)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma: the loss is -log sigmoid(beta x (mean log-prob difference) - gamma)."""
+    sft_weight: float = 0.0
+    """Add the chosen answer's mean NLL times this weight (LLaMA-Factory's pref_ftx, RPO's alpha): keeps the chosen
+    answers likely while the rejected ones fall; 0: off (sigmoid, ipo, simpo; orpo has its own NLL term)."""
+
+
 class TrainConfig(Schema):
     micro_batch_size: int = 8
     """Samples per device per forward pass."""
@@ -237,6 +297,14 @@ class TrainConfig(Schema):
     projector_learning_rate: float | None = None
     """Peak learning rate of the projector; None uses learning_rate."""
     weight_decay: float = 0.0
+    optim: Literal[OPTIMIZERS] = "adamw_torch"
+    """The optimizer, by transformers' name: adamw_torch, adafactor, sgd, ...; adamw_8bit, paged_adamw_8bit, lion_*
+    (bitsandbytes) and galore_* (galore_torch, full or freeze tuning, `optim_target_modules`) need a CUDA GPU."""
+    optim_target_modules: list[str] = Field(default_factory=list)
+    """GaLore: the modules whose gradients are projected (names or regexes transformers matches, e.g. [attn, mlp])."""
+    neftune_noise_alpha: float | None = None
+    """NEFTune (transformers): uniform noise of this scale (e.g. 5) on the token embeddings while training, never at
+    evaluation or inference; None: off."""
     lr_scheduler: Literal[LR_SCHEDULERS] = "cosine"
     """A transformers scheduler: cosine, linear, constant, constant_with_warmup, ... (LR_SCHEDULERS lists them)."""
     lr_warmup_ratio: float = 0.03
@@ -272,12 +340,15 @@ class TrainConfig(Schema):
     eval_benchmark: EvalBenchmarkConfig = Field(default_factory=EvalBenchmarkConfig)
     """Also score a small benchmark subset at every evaluation (off by default; greedy answers of the model being
     trained, through the generation service)."""
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    """Stages dpo and text-dpo: the preference loss and its settings (docs/preference.md)."""
 
 
 class RunConfig(Schema):
     stage: Literal[STAGES] = "pretrain"
     """pretrain (projector only), sft (projector + LoRA on the LLM), text-pt (the LLM alone on raw text, loss on
-    every token), text-sft (the LLM alone on conversations, loss on the answers)."""
+    every token), text-sft (the LLM alone on conversations, loss on the answers), dpo / text-dpo (preference pairs:
+    the chosen answer over the rejected one, with images / text only; LoRA on the LLM)."""
     output_dir: str = ""
     """The run directory: resolved config, trained weights, metrics, loss plot, checkpoints."""
     seed: int = 0
@@ -294,7 +365,8 @@ class RunConfig(Schema):
         """Fill the stage-dependent trainability defaults (pretrain: projector only; sft: + LoRA)."""
         t = self.model.trainable
         t.vision = t.vision or "frozen"
-        t.projector = t.projector or "full"
+        # dpo tunes the LLM: the reference is then the policy with its adapter off (a trained projector needs a copy)
+        t.projector = t.projector or ("frozen" if self.stage == "dpo" else "full")
         t.llm = t.llm or ("frozen" if self.stage == "pretrain" else "lora")
         if self.modality == "text":  # no tower, no projector in a text-only run
             t.vision, t.projector = "frozen", "frozen"
@@ -364,6 +436,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     if t.learning_rate <= 0 or (t.projector_learning_rate is not None and t.projector_learning_rate <= 0):
         problems.append("learning rates must be > 0")
     problems += _held_out_problems(cfg)
+    problems += _preference_problems(cfg)
+    problems += _tuning_problems(cfg)
     if not 0 <= t.lr_warmup_ratio < 1:
         problems.append(f"`train.lr_warmup_ratio` must be in [0, 1), got {t.lr_warmup_ratio}")
     if cfg.model.lora.r < 1 or cfg.model.lora.alpha <= 0:
@@ -456,6 +530,96 @@ def _anyres_problems(cfg: RunConfig) -> list[str]:
         value = getattr(v, key)
         if value is not None and value < 1:
             problems.append(f"`model.vision.{key}` must be a positive number of tokens (or null: no cap), got {value}")
+    return problems
+
+
+def _preference_problems(cfg: RunConfig) -> list[str]:
+    """Checks of the preference stages (dpo, text-dpo) and their `train.preference` settings."""
+    problems, p, stage = [], cfg.train.preference, cfg.stage
+    if stage not in PREFERENCE_STAGES:
+        if p != PreferenceConfig():
+            problems.append(f"`train.preference` sets the loss of stages dpo and text-dpo; stage `{stage}` does not "
+                            "use it: remove it, or set `stage: dpo` (text-dpo for a text model)")
+        return problems
+    if p.beta <= 0:
+        problems.append(f"`train.preference.beta` must be > 0, got {p.beta}")
+    if not 0 <= p.label_smoothing < 0.5:
+        problems.append(f"`train.preference.label_smoothing` must be in [0, 0.5) (the assumed fraction of flipped "
+                        f"pairs), got {p.label_smoothing}")
+    if p.sft_weight < 0 or (p.sft_weight and p.loss_type == "orpo"):
+        problems.append(f"`train.preference.sft_weight` must be >= 0, and 0 with loss_type orpo (its loss holds the "
+                        f"chosen answer's NLL already), got {p.sft_weight}")
+    if p.label_smoothing and p.loss_type in ("ipo", "orpo"):
+        problems.append(f"`train.preference.label_smoothing` applies to loss_type sigmoid and simpo; "
+                        f"{p.loss_type} has none: set it to 0")
+    if cfg.data.packing:
+        problems.append(f"`data.packing` is not supported by stage `{stage}` (each pair is scored as two whole "
+                        "sequences); set data.packing: false")
+    if cfg.data.datasets and cfg.modality == "text":  # (the multimodal stages refuse it with the others)
+        problems.append(f"`data.datasets` mixes text datasets; stage `{stage}` reads the files in `data.path`")
+    if cfg.model.vision.image_strategy == "anyres":
+        problems.append(f"stage `{stage}` reads each image at the tower's size only (its pairs are not encoded at "
+                        "AnyRes yet); set `model.vision.image_strategy: fixed`")
+    if cfg.model.trainable.vision == "full":
+        problems.append(f"stage `{stage}` keeps the vision tower frozen (the pair's image is encoded once, for "
+                        "policy and reference); set `model.trainable.vision: frozen`")
+    if cfg.model.trainable.llm == "frozen" and cfg.modality == "multimodal":  # (text stages: checked for all)
+        problems.append(f"stage `{stage}` tunes the LLM; set `model.trainable.llm` to lora (the reference is then the "
+                        "policy with its adapter disabled) or full (a frozen copy is the reference)")
+    if cfg.data.template == "plain":
+        problems.append(f"stage `{stage}` needs a chat template (the answers are the assistant's turns); set "
+                        "`data.template` to chatml, vicuna_v1 or tokenizer")
+    return problems
+
+
+def _tuning_problems(cfg: RunConfig) -> list[str]:
+    """Checks of the LoRA variants and training tricks: each refused with the reason where it cannot apply."""
+    problems, t, lora, llm = [], cfg.train, cfg.model.lora, cfg.model.trainable.llm
+    adapter = llm in ("lora", "qlora")
+    if lora.loraplus_lr_ratio is not None:
+        if lora.loraplus_lr_ratio <= 0:
+            problems.append(f"`model.lora.loraplus_lr_ratio` must be > 0 (typically 16), got {lora.loraplus_lr_ratio}")
+        if not adapter:
+            problems.append(f"`model.lora.loraplus_lr_ratio` sets the learning rate of LoRA's B matrices; "
+                            f"`model.trainable.llm` is {llm}: set it to lora, or remove loraplus_lr_ratio")
+    if lora.init != "default":
+        if not adapter:
+            problems.append(f"`model.lora.init` {lora.init} initialises a LoRA adapter; `model.trainable.llm` is {llm}")
+        if lora.init == "loftq" and llm == "qlora":
+            problems.append("`model.lora.init` loftq quantises the base itself; use it with `model.trainable.llm: "
+                            "lora` (not qlora)")
+        if lora.init in BASE_CHANGING_INITS and cfg.stage in PREFERENCE_STAGES:
+            problems.append(f"`model.lora.init` {lora.init} changes the base weights, so the adapter-disabled "
+                            f"reference of stage `{cfg.stage}` would not be the starting model; use init default "
+                            "or gaussian")
+        if lora.init in BASE_CHANGING_INITS and t.deepspeed:
+            problems.append(f"`model.lora.init` {lora.init} saves the LLM whole at the end (its base changed); not "
+                            "supported with `train.deepspeed`")
+    if llm == "freeze":
+        if cfg.model.freeze.train_layers == 0 and not cfg.model.freeze.train_modules:
+            problems.append("`model.trainable.llm` freeze trains nothing: set `model.freeze.train_layers` (the last N "
+                            "layers; negative: the first N) or `model.freeze.train_modules`")
+    if t.neftune_noise_alpha is not None:
+        if t.neftune_noise_alpha <= 0:
+            problems.append(f"`train.neftune_noise_alpha` must be > 0 (typically 5), got {t.neftune_noise_alpha}")
+        if cfg.stage in PREFERENCE_STAGES:
+            problems.append(f"`train.neftune_noise_alpha` would noise the reference pass of stage `{cfg.stage}` too; "
+                            "remove it")
+    needs = OPTIMIZER_NEEDS[t.optim]
+    if needs and t.use_cpu:
+        problems.append(f"`train.optim` {t.optim} needs a CUDA GPU ({' and '.join(needs)}) but `train.use_cpu` is "
+                        "true; use adamw_torch or adafactor on a CPU")
+    if t.optim in GALORE_OPTIMIZERS:
+        if llm not in ("full", "freeze"):
+            problems.append(f"`train.optim` {t.optim} (GaLore) projects the gradients of full weights; set "
+                            f"`model.trainable.llm` to full or freeze (it is {llm})")
+        if not t.optim_target_modules:
+            problems.append(f"`train.optim` {t.optim} needs `train.optim_target_modules` (e.g. [attn, mlp])")
+        if t.projector_learning_rate is not None:
+            problems.append(f"`train.optim` {t.optim} builds its own parameter groups; remove "
+                            "`train.projector_learning_rate`")
+    elif t.optim_target_modules:
+        problems.append("`train.optim_target_modules` is for the GaLore optimizers (train.optim galore_*); remove it")
     return problems
 
 

@@ -3,7 +3,7 @@
     modality = modality_for_stage(cfg.stage)        # training: from the stage
     modality = loaded.modality                       # inference: from what the model directory holds
 
-|                      | MULTIMODAL (pretrain, sft)                      | TEXT (text-pt, text-sft)                  |
+|                      | MULTIMODAL (pretrain, sft, dpo)                 | TEXT (text-pt, text-sft, text-dpo)        |
 |----------------------|-------------------------------------------------|-------------------------------------------|
 | model for training   | tower + projector + LLM (`LlavaModel`)          | the LLM alone (a transformers causal LM)  |
 | training data        | LLaVA JSON, images checked, feature cache       | text / conversations, mixed, packed       |
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llava_kit.config import STAGE_MODALITY, RunConfig
+from llava_kit.config import PREFERENCE_STAGES, STAGE_MODALITY, RunConfig
 from llava_kit.data.encode import NO_IMAGE_TOKEN, encode_messages
 from llava_kit.errors import UsageError
 from llava_kit.model.llava import LlavaModel
@@ -92,7 +92,7 @@ class Modality:
 
 
 class MultimodalModality(Modality):
-    """pretrain and sft: a vision tower, a projector and an LLM."""
+    """pretrain, sft and dpo: a vision tower, a projector and an LLM."""
 
     name = "multimodal"
     has_images = True
@@ -116,13 +116,24 @@ class MultimodalModality(Modality):
         if cfg.model.init_from:
             load_projector(model, cfg.model.init_from, template=cfg.data.template)
             logger.info("projector initialised from %s", cfg.model.init_from)
-        apply_trainability(model, cfg.model.trainable, cfg.model.lora, checkpointing)
+        apply_trainability(model, cfg.model.trainable, cfg.model.lora, checkpointing, cfg.model.freeze)
         return model, tokenizer
 
     def build_dataset(self, cfg, model, tokenizer, device, report=DATA_REPORT):
-        from llava_kit.data.multimodal import build_multimodal_dataset
+        from llava_kit.data.multimodal import attach_feature_cache, build_multimodal_dataset
+        from llava_kit.data.preference import build_preference_dataset
 
-        dataset = _reporting(cfg, lambda: build_multimodal_dataset(cfg, model, tokenizer, device), report)
+        def preference_pairs():  # dpo: pairs whose images are encoded once per pair (feature-cached when frozen)
+            tower = model.vision_tower
+            images = {"image_aspect": cfg.data.image_aspect, "image_preprocess": tower.preprocess,
+                      "image_mean": tower.image_mean}
+            pairs = build_preference_dataset(cfg, tokenizer, model.image_token_id, model.tokens_per_image, images)
+            attach_feature_cache(cfg, model, pairs, device)
+            return pairs
+
+        build = preference_pairs if cfg.stage in PREFERENCE_STAGES else \
+            lambda: build_multimodal_dataset(cfg, model, tokenizer, device)
+        dataset = _reporting(cfg, build, report)
         # images that fail to decode during training are added to the run's report (llava_kit/data/dataset.py)
         getattr(dataset, "dataset", dataset).report_path = Path(cfg.output_dir) / report
         return dataset
@@ -175,14 +186,14 @@ class MultimodalModality(Modality):
 
 
 class TextModality(Modality):
-    """text-pt and text-sft: the LLM alone."""
+    """text-pt, text-sft and text-dpo: the LLM alone."""
 
     name = "text"
     has_images = False
 
     def build_for_training(self, cfg, precision, attention, checkpointing):
         from llava_kit.model.build import load_llm, load_tokenizer
-        from llava_kit.model.trainable import add_lora, qlora_settings
+        from llava_kit.model.trainable import add_lora, apply_freeze, qlora_settings
 
         remote_code = cfg.model.llm.trust_remote_code
         tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, remote_code)
@@ -191,6 +202,9 @@ class TextModality(Modality):
         llm = load_llm(cfg.model.llm.name_or_path, dtype, quantization, remote_code, attention)
         if mode in ("lora", "qlora"):
             llm = add_lora(llm, cfg.model.lora, quantized=mode == "qlora", gradient_checkpointing=checkpointing)
+        elif mode == "freeze":
+            llm.requires_grad_(False)
+            logger.info("freeze tuning: training %s of the LLM", ", ".join(apply_freeze(llm, cfg.model.freeze)))
         else:
             llm.requires_grad_(True)
         trained = sum(p.numel() for p in llm.parameters() if p.requires_grad)
@@ -199,8 +213,11 @@ class TextModality(Modality):
         return llm, tokenizer
 
     def build_dataset(self, cfg, model, tokenizer, device, report=DATA_REPORT):
+        from llava_kit.data.preference import build_preference_dataset
         from llava_kit.data.text import build_text_dataset
 
+        if cfg.stage in PREFERENCE_STAGES:
+            return _reporting(cfg, lambda: build_preference_dataset(cfg, tokenizer), report)
         return _reporting(cfg, lambda: build_text_dataset(cfg.data, cfg.stage, tokenizer, seed=cfg.seed), report)
 
     def language_model(self, model):
@@ -212,8 +229,8 @@ class TextModality(Modality):
         save_text_run(model, tokenizer, cfg, run_dir, writer=writer)
 
     def inference_settings(self, cfg):
-        """A text-sft model is prompted with its chat template; a text-pt model continues plain text."""
-        template = cfg.data.template if cfg.stage == "text-sft" else COMPLETION
+        """A text-sft (text-dpo) model is prompted with its chat template; a text-pt model continues plain text."""
+        template = COMPLETION if cfg.stage == "text-pt" else cfg.data.template
         return InferenceSettings(template, cfg.data.system_prompt, "pad", cfg.data.max_seq_len)
 
     def open_run(self, run_dir, cfg, dtype, trust_remote_code):

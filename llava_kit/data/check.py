@@ -81,3 +81,29 @@ def check_text_records(paths: list[str] | None, data, stage: str, tokenizer=None
         report.lengths += part.lengths
         report.formats.update(part.formats)
     return report
+
+
+def check_pairs(paths: str | list[str], fmt: str = "auto", stage: str = "dpo", image_root: str | None = None,
+                settings: EncodeSettings | None = None) -> DataReport:
+    """Preference pairs (stages dpo, text-dpo) as training would read them; with `settings` (from a config) every
+    pair is also image-checked and encoded as training does, over-long pairs included."""
+    from llava_kit.data.preference import prepare_pairs
+    from llava_kit.data.readers.preference import read_pairs
+
+    result = read_pairs(paths, fmt, stage)
+    with_images = [p for p in result.pairs if p.images]
+    if with_images and image_root is None:
+        raise UsageError(f"{len(with_images)} pair(s) have images (e.g. {with_images[0].source}); give --image-root "
+                         "DIR, the directory their paths are relative to")
+    if settings is not None:
+        _, report = prepare_pairs(result.pairs, settings, image_root or "", "skip", result.bad)
+    else:
+        report = DataReport(total=len(result.pairs) + len(result.bad), skipped=list(result.bad))
+        images = check_images([p.sample("chosen") for p in with_images], image_root) if with_images else {}
+        for pair in result.pairs:
+            error = next((images[i] for i in pair.images if not isinstance(images[i], str)), None)
+            if error is not None:
+                report.skipped.append(BadRecord(pair.source, pair.id, str(error), error.kind))
+        report.kept = report.total - len(report.skipped)
+    report.formats = result.formats
+    return report

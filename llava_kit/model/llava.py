@@ -214,20 +214,29 @@ class LlavaModel(PreTrainedModel):
         frozen-feature cache) -> [n_images, tokens_per_image, llm_width] (fixed: one view per image), or under AnyRes
         every image's tokens one image after the other, [total image tokens, llm_width] (see `pack_image_features`).
         """
-        if vision_features is not None:
-            features = vision_features.to(self.device)
-        else:
-            tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-            tower_dtype = next(self.vision_tower.parameters()).dtype
-            # A frozen tower needs no autograd graph: skipping it saves the activations' memory.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
-                features = self.vision_tower.encode(pixel_values.to(tower_dtype))  # [n_images, n_patches, C]
-        # A projector without parameters (identity) takes the features as they are.
-        projector_dtype = next(self.multi_modal_projector.parameters(), features).dtype
-        projected = self.multi_modal_projector(features.to(projector_dtype))  # [n_views, tokens_per_image, d]
+        if vision_features is None:
+            vision_features = self.encode_images(pixel_values)
+        projected = self.project_features(vision_features)  # [n_views, tokens_per_image, d]
         if self.anyres is None:
             return projected
         return self.pack_image_features(projected, image_sizes, image_token_caps)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's output [n_views, n_patches, C] of [n_views, 3, H, W] pixels."""
+        tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        # A frozen tower needs no autograd graph: skipping it saves the activations' memory.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
+            return self.vision_tower.encode(pixel_values.to(tower_dtype))
+
+    def project_features(self, vision_features: torch.Tensor, projector: nn.Module | None = None) -> torch.Tensor:
+        """Tower features [n_views, n_patches, C] -> [n_views, tokens_per_image, llm_width] through the projector
+        (or `projector`, e.g. the preference stages' frozen reference copy)."""
+        projector = projector if projector is not None else self.multi_modal_projector
+        features = vision_features.to(self.device)
+        # A projector without parameters (identity) takes the features as they are.
+        projector_dtype = next(projector.parameters(), features).dtype
+        return projector(features.to(projector_dtype))
 
     def pack_image_features(self, projected: torch.Tensor, image_sizes: torch.Tensor | None,
                             image_token_caps: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,16 +270,21 @@ class LlavaModel(PreTrainedModel):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               vision_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-              image_token_caps: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image features scattered into the placeholders: [batch, seq, d]."""
+              image_token_caps: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features scattered into the placeholders: [batch, seq, d].
+
+        The images come as pixels, tower features, or `image_features` already projected (`get_image_features`'
+        output: computed once and reused, as the preference stages do for the two rows of a pair)."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        images = vision_features if vision_features is not None else pixel_values
+        images = next((x for x in (image_features, vision_features, pixel_values) if x is not None), None)
         if images is None or images.shape[0] == 0:
             if bool((input_ids == self.image_token_id).any()):
                 raise ValueError("input_ids contain image placeholders but no pixel_values were given")
             return inputs_embeds
-        image_features = self.get_image_features(pixel_values, vision_features, image_sizes,
-                                                 image_token_caps).to(inputs_embeds.dtype)
+        if image_features is None:
+            image_features = self.get_image_features(pixel_values, vision_features, image_sizes, image_token_caps)
+        image_features = image_features.to(inputs_embeds.dtype)
         mask = self.get_placeholder_mask(input_ids, image_features)
         # masked_scatter fills the True positions in row-major order: images in batch order.
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1]))
@@ -278,13 +292,27 @@ class LlavaModel(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 num_items_in_batch: int | torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
-                image_sizes: torch.Tensor | None = None, image_token_caps: torch.Tensor | None = None, **kwargs):
+                image_sizes: torch.Tensor | None = None, image_token_caps: torch.Tensor | None = None,
+                paired_rows: bool = False, return_logps: bool = False, **kwargs):
         """With labels: {"loss"}; the LM head runs only where a label is set. Without: the LM's output.
 
         The loss is the mean over this batch's supervised tokens, or, when the Trainer passes
         `num_items_in_batch`, their sum divided by it (token-weighted across accumulation and processes).
+
+        The preference stages (llava_kit/train/preference.py) pass `paired_rows`: the batch is 2B rows, B chosen
+        conversations then the B rejected ones, and the images are the B pairs' (each encoded once, its features
+        used for both rows); and `return_logps`: instead of the loss, {"logps": [rows] the log-probabilities of the
+        labelled tokens summed per row, "n_tokens": [rows] their count, "vision_features": the tower's output,
+        detached, for the reference pass to reuse}.
         """
-        inputs_embeds = self.embed(input_ids, pixel_values, vision_features, image_sizes, image_token_caps)
+        image_features = None
+        if paired_rows and (pixel_values is not None or vision_features is not None):
+            if vision_features is None:
+                vision_features = self.encode_images(pixel_values)  # once per pair
+            image_features = self.get_image_features(None, vision_features, image_sizes, image_token_caps)
+            image_features = torch.cat([image_features, image_features])  # chosen rows, then rejected rows
+        inputs_embeds = self.embed(input_ids, pixel_values, vision_features, image_sizes, image_token_caps,
+                                   image_features=image_features)
         if labels is None:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         lm = causal_lm_of(self.language_model)
@@ -297,6 +325,10 @@ class LlavaModel(PreTrainedModel):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # [batch, seq-1]
         logits = lm.get_output_embeddings()(hidden[:, :-1][keep])  # [n_labelled, vocab]
+        if return_logps:
+            logps, n_tokens = answer_logps(logits, targets, keep)
+            features = vision_features.detach() if vision_features is not None else None
+            return {"logps": logps + hidden.sum() * 0.0, "n_tokens": n_tokens, "vision_features": features}
         if logits.shape[0] == 0:  # a batch with nothing to learn: a zero loss that keeps the graph
             return {"loss": hidden.sum() * 0.0}
         if num_items_in_batch is None:
@@ -318,6 +350,17 @@ class LlavaModel(PreTrainedModel):
         inputs_embeds = self.embed(input_ids, pixel_values, image_sizes=image_sizes, image_token_caps=image_token_caps)
         return generate(self.language_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                         **generate_kwargs)
+
+
+def answer_logps(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the log-probabilities of the labelled tokens summed, and their count.
+
+    `logits` [n_labelled, vocab] are those of the positions where `keep` [rows, seq] is True (row-major order),
+    `targets` [rows, seq] the next tokens. Returns ([rows] float32 sums, [rows] counts)."""
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    rows = keep.nonzero(as_tuple=True)[0]
+    sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
+    return sums, keep.sum(dim=1)
 
 
 def is_composite_dir(path) -> bool:

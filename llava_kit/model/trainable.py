@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import logging
 
-from llava_kit.config import LoraConfig, TrainableConfig
-from llava_kit.errors import UsageError
-from llava_kit.model.llava import LlavaModel
+from llava_kit.config import LORA_INITS, FreezeConfig, LoraConfig, TrainableConfig
+from llava_kit.errors import ConfigError, UsageError
+from llava_kit.model.llava import LlavaModel, causal_lm_of
 
 logger = logging.getLogger(__name__)
 
 
 def peft_lora_config(lora: LoraConfig, task_type: str | None = "CAUSAL_LM"):
-    """The peft LoraConfig for our LoRA settings (`all-linear` excludes the LM head in peft; rsLoRA and DoRA
-    are peft's own implementations)."""
+    """The peft LoraConfig for our LoRA settings (`all-linear` excludes the LM head in peft; rsLoRA, DoRA and the
+    PiSSA / OLoRA / LoftQ initialisations are peft's own implementations)."""
+    from peft import LoftQConfig
     from peft import LoraConfig as PeftLoraConfig
 
+    extra = {"loftq_config": LoftQConfig(loftq_bits=4)} if lora.init == "loftq" else {}
     return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora.target_modules, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
-                          task_type=task_type)
+                          init_lora_weights=LORA_INITS[lora.init], task_type=task_type, **extra)
 
 
 def check_qlora_available() -> None:
@@ -73,8 +75,36 @@ def add_lora(llm, lora: LoraConfig, quantized: bool = False, gradient_checkpoint
     return get_peft_model(llm, peft_lora_config(lora))
 
 
+def apply_freeze(llm, freeze: FreezeConfig) -> list[str]:
+    """Freeze tuning: train the last `train_layers` decoder layers of a causal LM (the first ones when negative) and
+    the modules `train_modules` name (exact paths in the causal LM); everything else stays as it is (frozen).
+    Returns the paths trained, for the log."""
+    lm = causal_lm_of(llm)
+    layers = getattr(lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError(f"`model.trainable.llm: freeze` trains decoder layers, but {type(lm).__name__} has no "
+                          "`layers` list in its decoder; name modules in `model.freeze.train_modules` and set "
+                          "`model.freeze.train_layers: 0`")
+    n = freeze.train_layers
+    if abs(n) > len(layers):
+        raise ConfigError(f"`model.freeze.train_layers` is {n} but the LLM has {len(layers)} decoder layers")
+    indices = list(range(len(layers)))[-n:] if n > 0 else list(range(len(layers)))[:-n] if n < 0 else []
+    for i in indices:
+        layers[i].requires_grad_(True)
+    trained = [f"layers {indices[0]}-{indices[-1]}"] if indices else []
+    names = dict(lm.named_modules())
+    for path in freeze.train_modules:
+        if path not in names:
+            top = sorted({name.split(".layers.")[0] for name in names if name and ".layers." not in name})[:12]
+            raise ConfigError(f"`model.freeze.train_modules`: the LLM has no module {path!r} (exact paths, e.g. "
+                              f"{', '.join(top)})")
+        names[path].requires_grad_(True)
+        trained.append(path)
+    return trained
+
+
 def apply_trainability(model: LlavaModel, trainable: TrainableConfig, lora: LoraConfig,
-                       gradient_checkpointing: bool = False) -> None:
+                       gradient_checkpointing: bool = False, freeze: FreezeConfig | None = None) -> None:
     """Freeze everything, then unfreeze or add LoRA per component as `trainable` says."""
     model.requires_grad_(False)
     if trainable.projector == "full":
@@ -83,6 +113,9 @@ def apply_trainability(model: LlavaModel, trainable: TrainableConfig, lora: Lora
             model.image_newline.requires_grad_(True)
     if trainable.llm == "full":
         model.language_model.requires_grad_(True)
+    elif trainable.llm == "freeze":
+        logger.info("freeze tuning: training %s of the LLM", ", ".join(apply_freeze(model.language_model,
+                                                                                   freeze or FreezeConfig())))
     elif trainable.llm in ("lora", "qlora"):
         model.language_model = add_lora(model.language_model, lora, quantized=trainable.llm == "qlora",
                                         gradient_checkpointing=gradient_checkpointing)

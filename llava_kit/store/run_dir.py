@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llava_kit.config import RunConfig
+from llava_kit.config import BASE_CHANGING_INITS, RunConfig
 from llava_kit.errors import ModelLoadError
 from llava_kit.model.llava import LlavaModel, causal_lm_of
 from llava_kit.model.weights import trained_names, whole_state_dict
@@ -39,9 +39,11 @@ def save_multimodal_run(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: s
     projector = whole_state_dict(model.multi_modal_projector, keep=writer)
     projector.update(whole_state_dict(model, only={NEWLINE}, keep=writer))  # AnyRes: trained with the projector
     adapter = llm = vision = None
-    if trainable.llm in ("lora", "qlora"):
+    if trainable.llm in ("lora", "qlora") and cfg.model.lora.init in BASE_CHANGING_INITS:
+        llm = folded_llm_state(model.language_model)
+    elif trainable.llm in ("lora", "qlora"):
         adapter = whole_state_dict(model.language_model, only=trained_names(model.language_model), keep=writer)
-    elif trainable.llm == "full":
+    elif trainable.llm in ("full", "freeze"):
         llm = whole_state_dict(causal_lm_of(model.language_model), keep=writer)
     if trainable.vision == "full":
         vision = whole_state_dict(model.vision_tower, keep=writer)
@@ -61,12 +63,25 @@ def save_multimodal_run(model: LlavaModel, tokenizer, cfg: RunConfig, out_dir: s
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
 
+def folded_llm_state(peft_llm) -> dict[str, torch.Tensor]:
+    """The LLM's weights with its LoRA folded in, from a copy (the live model keeps its adapter): what a run whose
+    `model.lora.init` changed the base (pissa, olora, loftq) saves, since its adapter alone does not fit the original
+    base."""
+    import copy
+
+    return {k: v.detach().cpu() for k, v in copy.deepcopy(peft_llm).merge_and_unload().state_dict().items()}
+
+
 def save_text_run(model, tokenizer, cfg: RunConfig, out_dir: str | Path, writer: bool = True) -> None:
     """A text run: `llm/` (a complete transformers model dir with its tokenizer) or `adapter/` + `tokenizer/`.
 
     Collective under ZeRO-3, like `save_multimodal_run`; only the `writer` writes."""
     out_dir = Path(out_dir)
-    if cfg.model.trainable.llm in ("lora", "qlora"):
+    if cfg.model.trainable.llm in ("lora", "qlora") and cfg.model.lora.init in BASE_CHANGING_INITS:
+        if writer:
+            causal_lm_of(model).save_pretrained(out_dir / "llm", state_dict=folded_llm_state(model))
+            tokenizer.save_pretrained(out_dir / "llm")
+    elif cfg.model.trainable.llm in ("lora", "qlora"):
         adapter = whole_state_dict(model, only=trained_names(model), keep=writer)
         if writer:
             model.save_pretrained(out_dir / "adapter", state_dict=adapter)

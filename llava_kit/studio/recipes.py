@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_kit.config import STAGE_FORMATS, STAGE_MODALITY, STAGES
+from llava_kit.config import STAGE_FORMATS, STAGE_MODALITY
 from llava_kit.errors import UsageError
 from llava_kit.schema import load_yaml_file
 
@@ -168,14 +168,13 @@ def _has_chat_template(path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- the job's config
 
 def method_stage(method: str, base_stage: str) -> str:
-    """The stage a method trains: supervised keeps the base's stage; dpo needs a `dpo` stage (config.STAGES)."""
+    """The stage a method trains: supervised keeps the base's stage; dpo is refused until the studio's bases,
+    uploads and hyperparameters (beta) are wired to the `dpo` stage (`llava-kit train` runs it: docs/preference.md)."""
     if method == "supervised":
         return base_stage
     if method == "dpo":
-        if "dpo" not in STAGES:
-            raise FineTuneError("dpo is not supported by this server yet (no `dpo` training stage); use method "
-                                "supervised", param="method")
-        return "dpo"
+        raise FineTuneError("dpo jobs are not supported by this server yet; use method supervised here, or train "
+                            "`stage: dpo` with `llava-kit train` (docs/preference.md)", param="method")
     raise FineTuneError(f"method {method!r} is not supported; this server trains {' or '.join(METHODS)}",
                         param="method.type")
 

@@ -18,14 +18,17 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from llava_kit.config import RunConfig, save_config
+from llava_kit.config import OPTIMIZER_NEEDS, PREFERENCE_STAGES, RunConfig, save_config
 from llava_kit.data.dataset import Collator
 from llava_kit.data.packing import PackedCollator
+from llava_kit.data.preference import PreferenceCollator
+from llava_kit.errors import ConfigError
 from llava_kit.modality import EVAL_DATA_REPORT, modality_for_stage
 from llava_kit.model.trainable import check_qlora_available
 from llava_kit.train.benchmark_probe import BenchmarkProbe
 from llava_kit.train.checkpoints import check_checkpoint, latest_checkpoint, prepare_run_dir, remove_stale_staging
 from llava_kit.train.plots import plot_loss
+from llava_kit.train.preference import PreferenceTrainer
 from llava_kit.train.progress import RunProgress
 from llava_kit.train.trainer import LlavaTrainer
 
@@ -91,7 +94,23 @@ def training_arguments(cfg: RunConfig, precision: str) -> TrainingArguments:
         per_device_eval_batch_size=t.micro_batch_size, prediction_loss_only=True,
         load_best_model_at_end=t.keep_best, metric_for_best_model="eval_loss" if t.keep_best else None,
         greater_is_better=False if t.keep_best else None,
+        optim=t.optim, optim_target_modules=t.optim_target_modules or None, neftune_noise_alpha=t.neftune_noise_alpha,
     )
+
+
+def check_optimizer_available(optim: str) -> None:
+    """Refuse, before anything is loaded, an optimizer this machine cannot run (config.OPTIMIZER_NEEDS)."""
+    import importlib.util
+
+    needs = OPTIMIZER_NEEDS[optim]
+    if not needs:
+        return
+    missing = [] if torch.cuda.is_available() else ["a CUDA GPU (none is visible to torch)"]
+    missing += [f"the {package} package (pip install {package.replace('_', '-')})" for package in needs
+                if importlib.util.find_spec(package) is None]
+    if missing:
+        raise ConfigError(f"`train.optim` {optim} needs {' and '.join(missing)}; on this machine use adamw_torch "
+                          "(or adafactor, which keeps less state)")
 
 
 def final_weights(trainer: LlavaTrainer) -> dict:
@@ -117,6 +136,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
     A directory that already holds a run is refused unless the config resumes it or `overwrite` replaces it."""
     if cfg.model.trainable.llm == "qlora":
         check_qlora_available()  # before anything is written or loaded
+    check_optimizer_available(cfg.train.optim)
     run_dir = Path(cfg.output_dir)
     resume = resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
     prepare_run_dir(run_dir, cfg.train.resume_from_checkpoint, overwrite)
@@ -149,11 +169,15 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
                     cfg.data.eval_path, args.eval_steps, "; the best checkpoint is kept" if cfg.train.keep_best else "")
     probe = BenchmarkProbe(cfg, tokenizer, modality) if cfg.train.eval_benchmark.name else None
 
-    trainer = LlavaTrainer(
+    collator, trainer_class, extra = (PackedCollator if cfg.data.packing else Collator), LlavaTrainer, {}
+    if cfg.stage in PREFERENCE_STAGES:  # pairs of answers: the preference loss (llava_kit/train/preference.py)
+        collator, trainer_class = PreferenceCollator, PreferenceTrainer
+        extra = {"settings": cfg.train.preference}
+    trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-        data_collator=(PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id),
+        data_collator=collator(tokenizer.pad_token_id),
         projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length,
-        benchmark_probe=probe,
+        benchmark_probe=probe, loraplus_lr_ratio=cfg.model.lora.loraplus_lr_ratio, **extra,
         callbacks=[RunProgress(run_dir)])  # metrics.jsonl and progress.json as the run goes (the studio watches them)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = final_weights(trainer)

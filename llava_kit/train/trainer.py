@@ -33,9 +33,11 @@ class LlavaTrainer(Trainer):
     checkpoint (train.keep_best) never rotated away, and an optional benchmark score at each evaluation."""
 
     def __init__(self, *args, projector_learning_rate: float | None = None, group_by_length: bool = False,
-                 benchmark_probe=None, **kwargs):
+                 benchmark_probe=None, loraplus_lr_ratio: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_learning_rate = projector_learning_rate
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        """LoRA+: the LLM's optimizer comes from peft's create_loraplus_optimizer (B matrices at ratio x lr)."""
         self.group_by_length = group_by_length
         self.benchmark_probe = benchmark_probe
         """Called with the model at each evaluation; returns metrics to log (llava_kit/train/benchmark_probe.py)."""
@@ -50,6 +52,8 @@ class LlavaTrainer(Trainer):
         return ModalityLengthGroupedSampler(dataset.lengths, dataset.has_images, global_batch, seed=args.seed)
 
     def create_optimizer(self, model=None):
+        if self.optimizer is None and self.loraplus_lr_ratio is not None:
+            self.optimizer = self._loraplus_optimizer(model or self.model)
         if self.optimizer is None and self.projector_learning_rate is not None:
             model = model or self.model
             decay = set(self.get_decay_parameter_names(model))
@@ -65,6 +69,24 @@ class LlavaTrainer(Trainer):
             self.optimizer = optimizer_cls(
                 [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()], **optimizer_kwargs)
         return super().create_optimizer(model)
+
+    def _loraplus_optimizer(self, model):
+        """peft's LoRA+ optimizer over the LLM's adapter (A at lr, B at lr x ratio); the projector, when it trains,
+        joins as one more group at its own learning rate."""
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "lr"}  # the groups carry theirs
+        llm = getattr(model, "language_model", model)
+        optimizer = create_loraplus_optimizer(llm, optimizer_cls, lr=self.args.learning_rate,
+                                              loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                              loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs)
+        if llm is not model:
+            projector = [p for p in model.multi_modal_projector.parameters() if p.requires_grad]
+            if projector:
+                optimizer.add_param_group({"params": projector, "weight_decay": self.args.weight_decay,
+                                           "lr": self.projector_learning_rate or self.args.learning_rate})
+        return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Checkpoints hold only the trainable tensors (resume loads them non-strictly onto the rebuilt base). Under

@@ -139,7 +139,7 @@ def test_wrong_purpose_too_large_and_no_key_are_refused(client):
     ({"hyperparameters": {"n_epoch": 2}}, "hyperparameters.n_epoch", "Extra inputs are not permitted"),
     ({"hyperparameters": {"learning_rate_multiplier": "fast"}}, "hyperparameters.learning_rate_multiplier",
      'must be "auto" or a number above 0'),
-    ({"method": {"type": "dpo"}}, "method", "dpo is not supported by this server yet"),
+    ({"method": {"type": "dpo"}}, "method", "dpo jobs are not supported by this server yet"),
     ({"method": {"type": "reinforcement"}}, "method.type", "method 'reinforcement' is not supported"),
     ({"training_file": "file-nothere"}, "training_file", "no file 'file-nothere' on this server"),
     ({"suffix": "my model"}, "suffix", "suffix must be 1 to 64 letters"),

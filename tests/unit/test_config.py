@@ -16,7 +16,7 @@ def test_every_shipped_config_loads_and_validates(path, monkeypatch):
     monkeypatch.chdir(REPO)  # configs use repo-relative paths
     tiny = "tiny" in path.parts
     cfg = load_config(path, check_paths=tiny)  # real recipes point at datasets a user downloads first
-    assert cfg.stage in ("pretrain", "sft", "text-pt", "text-sft") and cfg.output_dir
+    assert cfg.stage in ("pretrain", "sft", "text-pt", "text-sft", "dpo", "text-dpo") and cfg.output_dir
     if cfg.stage in ("pretrain", "sft"):
         assert cfg.model.trainable.llm == ("frozen" if cfg.stage == "pretrain" else "lora")
     else:

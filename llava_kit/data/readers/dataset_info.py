@@ -60,8 +60,10 @@ def entries_hint(info: Path) -> str:
     return f"name an entry: {info}#NAME (entries with local files: {listed or 'none'})"
 
 
-def data_source(path: str, fmt: str = "auto") -> DataSource:
-    """The files and format of one data path: a data file, or a LLaMA-Factory entry `.../dataset_info.json#NAME`."""
+def data_source(path: str, fmt: str = "auto", preference: bool = False) -> DataSource:
+    """The files and format of one data path: a data file, or a LLaMA-Factory entry `.../dataset_info.json#NAME`.
+
+    `preference` (stages dpo, text-dpo): entries with `ranking: true` are read as `pairwise`, others refused."""
     entry = split_entry(path)
     if entry is None:
         p = Path(path)
@@ -79,10 +81,10 @@ def data_source(path: str, fmt: str = "auto") -> DataSource:
         raise DataError(f"{info} is not valid JSON ({err})") from None
     if not isinstance(entries, dict) or not isinstance(entries.get(name), dict):
         raise DataError(f"{info} has no entry {name!r}; {entries_hint(info)}")
-    return _entry_source(entries[name], info, name, fmt)
+    return _entry_source(entries[name], info, name, fmt, preference)
 
 
-def _entry_source(entry: dict, info: Path, name: str, fmt: str) -> DataSource:
+def _entry_source(entry: dict, info: Path, name: str, fmt: str, preference: bool = False) -> DataSource:
     label = f"{info.name}#{name}"
     hub = next((k for k in HUB_KEYS if entry.get(k)), None)
     if hub:
@@ -90,7 +92,12 @@ def _entry_source(entry: dict, info: Path, name: str, fmt: str) -> DataSource:
                         "download the data next to dataset_info.json and give the entry a file_name (text stages can "
                         "also name a hub dataset directly in data.path)")
     columns = entry.get("columns") or {}
-    if entry.get("ranking") or "chosen" in columns or "rejected" in columns:
+    ranked = bool(entry.get("ranking") or "chosen" in columns or "rejected" in columns)
+    if preference and not ranked:
+        raise DataError(f"{label} is not preference data (no `ranking: true`, no chosen/rejected columns); the "
+                        "preference stages train on pairs of answers: name a ranking entry, or train this one with "
+                        "stage sft (text-sft)")
+    if ranked and not preference:
         raise DataError(f"{label} is preference data (chosen/rejected answers); the sft stages train on one answer "
                         "per conversation, so it is not read")
     if "kto_tag" in columns:
@@ -99,7 +106,9 @@ def _entry_source(entry: dict, info: Path, name: str, fmt: str) -> DataSource:
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
         raise DataError(f"{label} has formatting {formatting!r}; LLaMA-Factory entries are alpaca or sharegpt")
-    if fmt not in ("auto", formatting):
+    if preference and fmt not in ("auto", "pairwise"):
+        raise DataError(f"{label} is LLaMA-Factory pairwise data (`ranking: true`); leave data.format at auto for it")
+    if not preference and fmt not in ("auto", formatting):
         raise DataError(f"{label} is {formatting} data (its `formatting`); leave data.format at auto for it")
     if not isinstance(entry.get("file_name"), str):
         raise DataError(f"{label} has no `file_name`")
@@ -120,6 +129,9 @@ def _entry_source(entry: dict, info: Path, name: str, fmt: str) -> DataSource:
                  t["function_tag"]: "call", t["system_tag"]: "system"}
         tags = Tags(t["role_tag"], t["content_tag"], roles)
         columns = {"messages": "conversations", **columns}
+    if preference:  # the pairwise reader takes both forms; the alpaca form keys on `prompt`
+        columns = {"prompt": "instruction", **columns} if formatting == "alpaca" else columns
+        return DataSource(files, "pairwise", columns, tags, label)
     return DataSource(files, formatting, columns, tags, label)
 
 
