@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["caption_throughput.py", "stage1.py", "decode.py"]
+BENCHMARKS = ["caption_throughput.py", "stage1.py", "stage2.py", "decode.py", "serve_throughput.py", "cold_start.py"]
 RATIO_LINE = re.compile(r"^[a-z0-9_]+_vs_[a-z0-9_]+: [0-9.]+")
 
 

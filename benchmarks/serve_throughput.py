@@ -1,6 +1,6 @@
 """Serving throughput under concurrent clients: `llava-kit serve` with 16 clients at once against one at a time.
 
-    python benchmarks/serve_throughput.py [--workdir DIR] [--clients 16] [--max-tokens 32] [--repeats 3]
+    python benchmarks/serve_throughput.py [--workdir DIR] [--clients 16] [--max-tokens 64] [--repeats 3]
 
 Starts `llava-kit serve --no-webui` in its own process on a merged model of the benchmark shapes
 (llava_setup.py: CLIP 6x256 at 224 px, Llama 4x256, vocabulary 32,000), then, in rounds that interleave the two
@@ -8,6 +8,8 @@ ways (a change of machine load falls on both alike), sends the same greedy reque
 question, fixed max_tokens, the image and question varying across the requests of a round):
   - sequential: one client, one request at a time, `--clients` x `--per-client` requests;
   - concurrent: `--clients` client threads, each sending `--per-client` requests one after the other.
+The server runs with `--max-batch-size` equal to the number of clients (serve's default is 8: 16 clients would be
+answered in two batches).
 Both ways send the same requests; each answer must be HTTP 200 and equal to the sequential one (greedy batching
 must not change answers). Prints `serve_throughput_vs_sequential` = requests/s concurrent ÷ sequential, best
 round of each (target >= 4 on 2 cores); the errors are counted and any error fails the benchmark.
@@ -40,14 +42,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, max_batch_size: int | None) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, max_batch_size: int) -> subprocess.Popen:
     """`llava-kit serve` in its own process, answering once /health does."""
     import httpx
 
     command = [sys.executable, "-m", "llava_kit.cli", "serve", "--model", str(model_dir), "--port", str(port),
-               "--no-webui", "--model-name", "bench"]
-    if max_batch_size is not None:
-        command += ["--max-batch-size", str(max_batch_size)]
+               "--no-webui", "--model-name", "bench", "--max-batch-size", str(max_batch_size)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     deadline = time.monotonic() + 300
@@ -119,9 +119,10 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="reuse the model here (default: temp)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--per-client", type=int, default=2, help="requests each concurrent client sends (default 2)")
-    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default 32)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of each way (best of)")
-    parser.add_argument("--max-batch-size", type=int, default=None, help="the server's (default: serve's default)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="the server's --max-batch-size (default: --clients, so that they can be answered together)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="llava-kit-bench-"))
     model_dir = build_merged(workdir)
@@ -130,7 +131,7 @@ def main() -> int:
     bodies = request_bodies(images, n, args.max_tokens)
 
     port = free_port()
-    server = start_server(model_dir, port, args.max_batch_size)
+    server = start_server(model_dir, port, args.max_batch_size or args.clients)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
         send_all(url, bodies[:4], 4)  # warm-up: the first forward passes, the allocator, connection set-up
@@ -144,7 +145,7 @@ def main() -> int:
             seconds, answers = send_all(url, bodies, args.clients)
             concurrent.append(seconds)
             errors += sum(a is None for a in answers)
-            mismatches += sum(a is not None and r is not None and a != r for a, r in zip(answers, reference))
+            mismatches += sum(a is not None and r is not None and a != r for a, r in zip(answers, reference, strict=True))
     finally:
         server.terminate()
         try:
@@ -152,7 +153,8 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
     sequential_rate, concurrent_rate = n / min(sequential), n / min(concurrent)
-    print(f"serve: {n} requests (max_tokens {args.max_tokens}, one image each) in {min(sequential):.2f} s one at a "
+    print(f"serve: {n} requests (max_tokens {args.max_tokens}, one image each, --max-batch-size "
+          f"{args.max_batch_size or args.clients}) in {min(sequential):.2f} s one at a "
           f"time ({sequential_rate:.2f} req/s), {min(concurrent):.2f} s from {args.clients} clients "
           f"({concurrent_rate:.2f} req/s), best of {args.repeats}; errors {errors}, answers differing from the "
           f"sequential ones {mismatches}", file=sys.stderr)
