@@ -122,7 +122,7 @@ def build_models(shapes: Shapes, device: torch.device, dtype: torch.dtype, atten
             reference = reference_from(model)
     finally:
         torch.set_default_dtype(previous)
-    reference.set_attn_implementation(attention)
+    reference.set_attn_implementation({"text_config": attention})  # the LLM, as llava-kit's; the tower keeps sdpa
     return model, reference.to(device)
 
 
