@@ -10,8 +10,10 @@ llava-kit's model: tower, projector (mlp2x_gelu = linear_1, GELU, linear_2) and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -111,5 +113,6 @@ def build_merged(root: Path) -> Path:
     cfg["stage"] = "sft"
     cfg["model"]["trainable"] = {"llm": "frozen", "projector": "full"}
     cfg["data"]["template"] = "chatml"
-    run = train(config_from_dict(cfg), overwrite=True)
-    return merge_run(run, merged)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log dicts: stdout is for ratio lines
+        run = train(config_from_dict(cfg), overwrite=True)
+        return merge_run(run, merged)
