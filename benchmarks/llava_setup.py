@@ -101,18 +101,18 @@ def reference_from(model):
 def build_merged(root: Path) -> Path:
     """A merged model directory (`llava-kit merge`'s output) of the benchmark shapes, chatml-prompted, under `root`
     (once): what `llava-kit chat` and `llava-kit serve` load. One sft step with the LLM frozen: random weights."""
-    from llava_kit.config import config_from_dict
-    from llava_kit.export.merge import merge_run
-    from llava_kit.train.engine import train
-
     merged = root / "merged"
     if (merged / "llava_kit.json").is_file():
         return merged
-    paths = build_workdir(root)
-    cfg = stage1_config(paths, root / "merged-run", root / "merged-cache", max_steps=1)
-    cfg["stage"] = "sft"
-    cfg["model"]["trainable"] = {"llm": "frozen", "projector": "full"}
-    cfg["data"]["template"] = "chatml"
-    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log dicts: stdout is for ratio lines
-        run = train(config_from_dict(cfg), overwrite=True)
-        return merge_run(run, merged)
+    # The Trainer (and DeepSpeed, on import) print to stdout: the benchmarks' stdout is for their ratio lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        from llava_kit.config import config_from_dict
+        from llava_kit.export.merge import merge_run
+        from llava_kit.train.engine import train
+
+        paths = build_workdir(root)
+        cfg = stage1_config(paths, root / "merged-run", root / "merged-cache", max_steps=1)
+        cfg["stage"] = "sft"
+        cfg["model"]["trainable"] = {"llm": "frozen", "projector": "full"}
+        cfg["data"]["template"] = "chatml"
+        return merge_run(train(config_from_dict(cfg), overwrite=True), merged)
