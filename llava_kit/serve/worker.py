@@ -10,9 +10,9 @@ Greedy non-streaming jobs that wait together are generated as one batch by the g
 answer is what it would be alone); streaming and sampled jobs run one at a time. A greedy batch about to start
 also waits (at most GATHER_S) for the requests that are being prepared meanwhile (parsed, images decoded,
 tokenized: `prepare()` has started, `submit()` not yet), so that clients who send together are answered together
-rather than one alone and the rest after it; nothing is waited for when no request is being prepared. A job cancelled while it waits
-is dropped without generating; one cancelled while generating stops after the current token (the service checks
-`cancelled()` after every token), and a batch ends when all its jobs have stopped.
+rather than one alone and the rest after it; nothing is waited for when no request is being prepared. A job
+cancelled while it waits is dropped without generating; one cancelled while generating stops after the current
+token (the service checks `cancelled()` after every token), and a batch ends when all its jobs have stopped.
 
 The worker is a thread, not a coroutine: generation holds the processor for seconds and torch releases the GIL
 while it computes, so the event loop keeps serving other connections meanwhile. What the worker produces goes
@@ -252,6 +252,9 @@ class ModelWorker:
                 self._drop(first)
             if _batchable(first):
                 self._gather()
+                if self._stopping:  # stop() answered the waiting jobs; this one was in hand
+                    first._fail(503, "the server is shutting down")
+                    return None
             batch, kept = [first], collections.deque()
             while _batchable(first) and self._waiting:
                 job = self._waiting.popleft()
