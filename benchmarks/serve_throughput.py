@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of each way (best of)")
     parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="the server's --max-batch-size (default: --clients, so that they can be answered together)")
+                        help="the server's --max-batch-size (default: --clients, all answered together)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="llava-kit-bench-"))
     model_dir = build_merged(workdir)
@@ -145,7 +145,8 @@ def main() -> int:
             seconds, answers = send_all(url, bodies, args.clients)
             concurrent.append(seconds)
             errors += sum(a is None for a in answers)
-            mismatches += sum(a is not None and r is not None and a != r for a, r in zip(answers, reference, strict=True))
+            mismatches += sum(a is not None and r is not None and a != r
+                              for a, r in zip(answers, reference, strict=True))
     finally:
         server.terminate()
         try:

@@ -26,7 +26,8 @@ def test_startup_done_resumes_only_a_collector_main_paused():
 
 
 def test_the_program_runs_a_command_outside_the_fast_start_with_the_collector_on():
-    code = ("import gc, sys; from llava_kit import cli; cli.cmd_projectors = lambda args: print(gc.isenabled(), file=args.results) or 0; "
+    code = ("import gc, sys; from llava_kit import cli; "
+            "cli.cmd_projectors = lambda args: print(gc.isenabled(), file=args.results) or 0; "
             "sys.argv = ['llava-kit', 'projectors']; sys.exit(cli.main())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
