@@ -10,8 +10,10 @@ llava-kit's model: tower, projector (mlp2x_gelu = linear_1, GELU, linear_2) and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -94,3 +96,23 @@ def reference_from(model):
     reference.lm_head.load_state_dict(llm.lm_head.state_dict())
     reference.generation_config.pad_token_id = llm.config.pad_token_id
     return reference
+
+
+def build_merged(root: Path) -> Path:
+    """A merged model directory (`llava-kit merge`'s output) of the benchmark shapes, chatml-prompted, under `root`
+    (once): what `llava-kit chat` and `llava-kit serve` load. One sft step with the LLM frozen: random weights."""
+    merged = root / "merged"
+    if (merged / "llava_kit.json").is_file():
+        return merged
+    # The Trainer (and DeepSpeed, on import) print to stdout: the benchmarks' stdout is for their ratio lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        from llava_kit.config import config_from_dict
+        from llava_kit.export.merge import merge_run
+        from llava_kit.train.engine import train
+
+        paths = build_workdir(root)
+        cfg = stage1_config(paths, root / "merged-run", root / "merged-cache", max_steps=1)
+        cfg["stage"] = "sft"
+        cfg["model"]["trainable"] = {"llm": "frozen", "projector": "full"}
+        cfg["data"]["template"] = "chatml"
+        return merge_run(train(config_from_dict(cfg), overwrite=True), merged)

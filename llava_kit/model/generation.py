@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 
 from llava_kit.model.llava import causal_lm_of
 
@@ -105,6 +106,7 @@ def generate(language_model, *, input_ids: torch.Tensor | None = None, inputs_em
         if streamer is not None:  # generate puts the prompt first (empty for embeddings); skip_prompt drops it
             streamer.put(input_ids.cpu() if input_ids is not None else torch.zeros(batch, 0, dtype=torch.long))
         cache = DynamicCache(config=lm.config.get_text_config(decoder=True))  # sliding-window layers included
+        _preallocate(cache, seq + max_new_tokens)
         # logits_to_keep=1: the LM head on the last position only ([batch, 1, vocab], not [batch, seq, vocab])
         logits = lm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                     position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -135,6 +137,54 @@ def generate(language_model, *, input_ids: torch.Tensor | None = None, inputs_em
         if streamer is not None:
             streamer.end()
     return torch.stack(new_tokens, dim=1)  # [batch, n_new]
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values go into buffers sized for the whole generation.
+
+    DynamicLayer concatenates each step's keys and values to the cache, copying all of it every token: at batch 16
+    and ~250 positions that copy was a quarter of a decoding step on a CPU. Here each step writes its slice in place
+    and the layer exposes views of the filled part, so attention reads the same values; past `capacity` (never, as
+    the loop sizes it) it grows like DynamicLayer.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        batch, heads, _, key_dim = key_states.shape
+        self._keys = key_states.new_empty(batch, heads, self.capacity, key_dim)  # [batch, heads, capacity, dim]
+        self._values = value_states.new_empty(batch, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.keys, self.values = self._keys[..., :0, :], self._values[..., :0, :]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:  # more than the loop asked for: grow by concatenation from here on
+            self._keys = torch.cat([self._keys[..., :self.length, :], key_states], dim=-2)
+            self._values = torch.cat([self._values[..., :self.length, :], value_states], dim=-2)
+            self.capacity = end
+        else:
+            self._keys[..., self.length:end, :] = key_states
+            self._values[..., self.length:end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.is_initialized, self.length = False, 0
+
+
+def _preallocate(cache: DynamicCache, capacity: int) -> None:
+    """Give `cache`'s full-attention layers (exactly DynamicLayer: sliding-window ones stay) preallocated buffers."""
+    cache.layers = [_PreallocatedLayer(capacity) if type(layer) is DynamicLayer and not layer.is_initialized
+                    else layer for layer in cache.layers]
 
 
 class _HookCriteria(StoppingCriteria):

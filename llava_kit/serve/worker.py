@@ -9,9 +9,12 @@
     workers = ModelWorkers({"shapes": worker})   # the server's workers by name; more may be added while it serves
 
 Greedy non-streaming jobs that wait together are generated as one batch by the generation service (every row's
-answer is what it would be alone); streaming and sampled jobs run one at a time. A job cancelled while it waits
-is dropped without generating; one cancelled while generating stops after the current token (the service checks
-`cancelled()` after every token), and a batch ends when all its jobs have stopped.
+answer is what it would be alone); streaming and sampled jobs run one at a time. A greedy batch about to start
+also waits (at most GATHER_S) for the requests that are being prepared meanwhile (parsed, images decoded,
+tokenized: `prepare()` has started, `submit()` not yet), so that clients who send together are answered together
+rather than one alone and the rest after it; nothing is waited for when no request is being prepared. A job
+cancelled while it waits is dropped without generating; one cancelled while generating stops after the current
+token (the service checks `cancelled()` after every token), and a batch ends when all its jobs have stopped.
 
 The worker is a thread, not a coroutine: generation holds the processor for seconds and torch releases the GIL
 while it computes, so the event loop keeps serving other connections meanwhile. What the worker produces goes
@@ -26,6 +29,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -41,6 +45,10 @@ from llava_kit.inference.service import (
 from llava_kit.serve.requests import RequestError
 
 logger = logging.getLogger(__name__)
+
+GATHER_S = 0.25
+"""Longest a greedy batch waits, before it starts, for requests being prepared to join it (about the time `prepare()`
+takes for a request with an image on a busy CPU)."""
 
 
 class QueueFull(Exception):
@@ -59,7 +67,7 @@ class JobFailed(Exception):
         self.status = status
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: the worker tracks prepared requests in a WeakSet
 class ChatRequest:
     """A conversation encoded for one model, with how to answer it."""
 
@@ -147,6 +155,8 @@ class ModelWorker:
         self._stopping = False
         self._condition = threading.Condition()
         self._encode_lock = threading.Lock()
+        self._preparing = 0  # prepare() calls running now
+        self._prepared: weakref.WeakSet[ChatRequest] = weakref.WeakSet()  # prepared, not submitted (nor dropped)
         self._thread = threading.Thread(target=self._run, name=f"llava-kit-model-{name}", daemon=True)
 
     @property
@@ -192,21 +202,33 @@ class ModelWorker:
         if images and not self.supports_images:
             raise RequestError(f"model {self.name!r} reads text only; send the conversation without images",
                                "messages")
-        pixel_values = self.service.preprocess(images)
-        sizes = image_sizes(images)  # an AnyRes model counts each image's tokens from its size
-        with self._encode_lock:  # one tokenizer, shared by every request's thread
-            input_ids = self.service.encode(messages, len(images), sizes)
-        if self.max_prompt_tokens is not None and len(input_ids) > self.max_prompt_tokens:
-            raise PromptTooLongError(f"the prompt is {len(input_ids)} tokens (images included), over this server's "
-                                     f"limit of {self.max_prompt_tokens} (--max-prompt-tokens); send fewer images or "
-                                     "less text")
-        return ChatRequest(Prompt(input_ids, pixel_values, sizes), params, stream)
+        with self._condition:
+            self._preparing += 1
+        request = None
+        try:
+            pixel_values = self.service.preprocess(images)
+            sizes = image_sizes(images)  # an AnyRes model counts each image's tokens from its size
+            with self._encode_lock:  # one tokenizer, shared by every request's thread
+                input_ids = self.service.encode(messages, len(images), sizes)
+            if self.max_prompt_tokens is not None and len(input_ids) > self.max_prompt_tokens:
+                raise PromptTooLongError(f"the prompt is {len(input_ids)} tokens (images included), over this "
+                                         f"server's limit of {self.max_prompt_tokens} (--max-prompt-tokens); send "
+                                         "fewer images or less text")
+            request = ChatRequest(Prompt(input_ids, pixel_values, sizes), params, stream)
+            return request
+        finally:
+            with self._condition:
+                self._preparing -= 1
+                if request is not None:
+                    self._prepared.add(request)  # until submitted; a request never submitted leaves with its object
+                self._condition.notify_all()
 
     def submit(self, request: ChatRequest) -> Job:
         """Queue a request; call it from the event loop that will read the job. QueueFull / WorkerStopped when
         it cannot wait."""
         job = Job(request, self.name, asyncio.get_running_loop())
         with self._condition:
+            self._prepared.discard(request)
             if self._stopping:
                 raise WorkerStopped(f"model {self.name!r} is not serving any more (the server is shutting down)")
             if len(self._waiting) >= self.max_queue:  # jobs whose clients left do not hold places
@@ -217,7 +239,7 @@ class ModelWorker:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting for model {self.name!r}, this "
                                 f"server's limit (--max-queue); retry later")
             self._waiting.append(job)
-            self._condition.notify()
+            self._condition.notify_all()
         return job
 
     # ------------------------------------------------------------------ the worker thread
@@ -238,6 +260,11 @@ class ModelWorker:
                 if not first.cancelled:
                     break
                 self._drop(first)
+            if _batchable(first):
+                self._gather()
+                if self._stopping:  # stop() answered the waiting jobs; this one was in hand
+                    first._fail(503, "the server is shutting down")
+                    return None
             batch, kept = [first], collections.deque()
             while _batchable(first) and self._waiting:
                 job = self._waiting.popleft()
@@ -250,6 +277,17 @@ class ModelWorker:
             self._waiting = kept + self._waiting
             self._running = batch
             return batch
+
+    def _gather(self) -> None:
+        """Wait (holding the condition's lock between waits) while requests are being prepared and the batch could
+        still grow: until they are all submitted, the batch is full, the worker stops or GATHER_S has passed."""
+        deadline = time.monotonic() + GATHER_S
+        while (self._preparing or len(self._prepared)) and len(self._waiting) + 1 < self.max_batch_size \
+                and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._condition.wait(remaining)
 
     def _drop(self, job: Job) -> None:
         self.finish_reasons["cancelled"] += 1
