@@ -34,6 +34,7 @@ from llava_setup import BATCH, build_workdir  # noqa: E402
 from llava_kit.config import ModelConfig  # noqa: E402
 from llava_kit.data.encode import encode_messages  # noqa: E402
 from llava_kit.model.build import build_llava  # noqa: E402
+from llava_kit.train.memory import saved_for_backward_bytes, trained_bytes  # noqa: E402
 
 GRIDS = [(1, 1), (1, 2), (2, 2), (2, 3), (3, 3)]
 TILE = 224
@@ -80,19 +81,9 @@ def batch_for(model, tokenizer, grid: tuple[int, int]) -> dict:
 
 def saved_bytes(model, batch) -> int:
     """Bytes autograd keeps for backward in one step (each storage once), plus gradients and AdamW states."""
-    saved: dict[int, int] = {}
-
-    def remember(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor):
-        loss = model(**batch)["loss"]
-    loss.backward()
+    saved = saved_for_backward_bytes(model, batch)
     model.zero_grad(set_to_none=True)
-    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return sum(saved.values()) + 3 * trained
+    return saved + 3 * trained_bytes(model)
 
 
 def step_seconds(model, batch, optimizer) -> float:

@@ -274,25 +274,16 @@ def training_memory_bytes(cfg) -> tuple[int, int, int]:
     from llava_kit.model.build import build_llava
     from llava_kit.model.projectors import count_parameters
     from llava_kit.model.trainable import apply_trainability
+    from llava_kit.train.memory import saved_for_backward_bytes, trained_bytes
 
     model, tokenizer = build_llava(cfg.model, torch.float32)
     apply_trainability(model, cfg.model.trainable, cfg.model.lora)
     dataset = build_dataset(cfg, model, tokenizer)
     batch = Collator(tokenizer.pad_token_id)([dataset[i] for i in range(min(cfg.train.micro_batch_size,
                                                                              len(dataset)))])
-    saved: dict[int, int] = {}
-
-    def remember(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor):
-        loss = model(**batch)["loss"]
-    loss.backward()
+    saved = saved_for_backward_bytes(model, batch)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return weights + 3 * trained + sum(saved.values()), count_parameters(model.multi_modal_projector), \
+    return weights + 3 * trained_bytes(model) + saved, count_parameters(model.multi_modal_projector), \
         model.tokens_per_image
 
 

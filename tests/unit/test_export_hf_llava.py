@@ -20,34 +20,6 @@ from llava_kit.store.specs import InferenceSettings
 
 
 @pytest.fixture(scope="module")
-def siglip_dir(tmp_path_factory):
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    path = tmp_path_factory.mktemp("siglip")
-    config = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(1)
-    SiglipVisionModel(config).save_pretrained(path)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def qwen2_dir(tmp_path_factory, tiny_dirs):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("qwen2")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llm"])
-    config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                  max_position_embeddings=512, tie_word_embeddings=True)
-    torch.manual_seed(2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory, tiny_dirs):
     from transformers import AutoTokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoProcessor, LlavaNextForConditionalGeneration
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from llava_kit.config import ModelConfig
 from llava_kit.data.encode import encode_messages
@@ -17,34 +17,6 @@ from llava_kit.model.build import build_llava
 from llava_kit.store.specs import InferenceSettings
 
 SIZES = [(60, 40), (70, 200), (64, 64), (150, 30), (120, 300)]  # (height, width): tall, 3:1 wide, square, 1:5, 2.5:1
-
-
-@pytest.fixture(scope="module")
-def siglip_dir(tmp_path_factory):
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    path = tmp_path_factory.mktemp("siglip")
-    config = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(1)
-    SiglipVisionModel(config).save_pretrained(path)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def qwen2_dir(tmp_path_factory, tiny_dirs):
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("qwen2")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llm"])
-    config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                  max_position_embeddings=2048, tie_word_embeddings=True)
-    torch.manual_seed(2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _build(vision, llm, projector="mlp2x_gelu", select_strategy="patch", feature_layer=-2, **anyres):
