@@ -79,6 +79,24 @@ def stage1_config(paths: dict, output_dir: Path, cache_dir: Path, **train) -> di
     }
 
 
+def reference_loader(config: dict):
+    """(llava-kit's model built from run-config dict `config`, a DataLoader of its data): the reference loops'
+    batches, llava-kit's tokenisation, images decoded every step, padded to the longest, shuffled with a fixed seed."""
+    from torch.utils.data import DataLoader
+
+    from llava_kit.config import config_from_dict
+    from llava_kit.data.dataset import Collator
+    from llava_kit.data.multimodal import build_dataset
+    from llava_kit.model.build import build_llava
+
+    cfg = config_from_dict(config)
+    model, tokenizer = build_llava(cfg.model)
+    dataset = build_dataset(cfg, model, tokenizer)
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0),
+                        collate_fn=Collator(tokenizer.pad_token_id))
+    return model, loader
+
+
 def reference_from(model):
     """transformers' LlavaForConditionalGeneration with the same weights as llava-kit's `model`."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration

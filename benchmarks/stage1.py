@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llava_setup import BATCH, build_workdir, reference_from, stage1_config  # noqa: E402
+from llava_setup import BATCH, build_workdir, reference_from, reference_loader, stage1_config  # noqa: E402
 
 from llava_kit.config import config_from_dict  # noqa: E402
 from llava_kit.data.encode import IGNORE_INDEX  # noqa: E402
-from llava_kit.data.multimodal import build_dataset  # noqa: E402
 from llava_kit.train.engine import train  # noqa: E402
 
 
@@ -50,17 +49,7 @@ def run_llava_kit(paths: dict, out: Path, cache: Path, **train_overrides) -> tup
 
 def reference_batches(paths: dict, root: Path):
     """The reference's data: llava-kit's tokenisation, images decoded every step, padded to the longest."""
-    from torch.utils.data import DataLoader
-
-    from llava_kit.data.dataset import Collator
-    from llava_kit.model.build import build_llava
-
-    cfg = config_from_dict(stage1_config(paths, root / "unused", root / "unused-cache"))
-    model, tokenizer = build_llava(cfg.model)
-    dataset = build_dataset(cfg, model, tokenizer)
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0),
-                        collate_fn=Collator(tokenizer.pad_token_id))
-    return model, loader
+    return reference_loader(stage1_config(paths, root / "unused", root / "unused-cache"))
 
 
 def run_reference(paths: dict, root: Path) -> float:
@@ -85,11 +74,11 @@ def run_limit(paths: dict, root: Path) -> float:
 
     from llava_kit.data.sampling import ModalityLengthGroupedSampler
 
-    model, reference_loader = reference_batches(paths, root)
-    dataset = reference_loader.dataset
+    model, padded = reference_batches(paths, root)
+    dataset = padded.dataset
     # The batches the Trainer forms for llava-kit (same sampler, seed and epoch): the same tokens, the same padding.
     sampler = ModalityLengthGroupedSampler(dataset.lengths, dataset.has_images, BATCH, seed=0)
-    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, collate_fn=reference_loader.collate_fn)
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, collate_fn=padded.collate_fn)
     llm = model.language_model
     llm.requires_grad_(False)
     batches = list(loader)  # decode outside the timing: the limit is the LLM alone
