@@ -78,7 +78,7 @@ class Hyperparameters(_Body):
     batch_size: Any = "auto"
     learning_rate_multiplier: Any = "auto"
     beta: Any = "auto"
-    """dpo only."""
+    """dpo only: train.preference.beta."""
 
 
 class MethodHyperparameters(_Body):
@@ -127,20 +127,21 @@ def _hyperparameters(body: FineTuneRequest) -> tuple[str, dict]:
     values = given.model_dump() if given is not None else {}
     param = f"method.{method}.hyperparameters" if body.method is not None else "hyperparameters"
     checked = {}
-    for name, kind, low in (("n_epochs", int, 1), ("batch_size", int, 1), ("learning_rate_multiplier", float, 0)):
+    for name, kind, low in (("n_epochs", int, 1), ("batch_size", int, 1), ("learning_rate_multiplier", float, 0),
+                            ("beta", float, 0)):
         value = values.get(name, "auto")
         if value == "auto":
             checked[name] = value
             continue
+        if name == "beta" and method != "dpo":
+            raise ApiError(400, f"{param}.beta is a hyperparameter of method dpo; this job is {method}: leave it out",
+                           param=f"{param}.beta")
         ok = (isinstance(value, int) and not isinstance(value, bool)) if kind is int else \
             (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value))
         if not ok or value < low or (kind is int and value > 10_000) or (kind is float and value <= 0):
             what = f"an integer from {low}" if kind is int else "a number above 0"
             raise ApiError(400, f"{param}.{name} must be \"auto\" or {what}, got {value!r}", param=f"{param}.{name}")
         checked[name] = value
-    if values.get("beta", "auto") != "auto":
-        raise ApiError(400, f"{param}.beta: the dpo beta is not supported by this server yet; leave it \"auto\"",
-                       param=f"{param}.beta")
     return method, checked
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from llava_kit.config import PREFERENCE_FORMATS
 from llava_kit.errors import LlavaKitError, UsageError
 from llava_kit.studio.store import FileRecord, Store
 
@@ -51,7 +52,8 @@ class DataSummary:
     """What a data file holds, as the readers see it."""
 
     kind: str
-    """`conversations` (every stage but text-pt reads them) or `text` (text-pt)."""
+    """`conversations` (the sft stages read them), `preference` (chosen/rejected pairs: dpo, text-dpo) or `text`
+    (text-pt)."""
     total: int
     records: int
     """Records that can be trained on."""
@@ -62,7 +64,8 @@ class DataSummary:
     problems: list[str] = field(default_factory=list)
     """`source: reason` of each record that cannot be trained on."""
     preview: list[dict] = field(default_factory=list)
-    """The first few records as canonical samples ({source, images, messages}) or texts ({source, text})."""
+    """The first few records as canonical samples ({source, images, messages}), pairs ({source, images, messages: the
+    prompt, chosen, rejected: the answers' texts}) or texts ({source, text})."""
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (stored with an upload; the preview is left out)."""
@@ -100,6 +103,8 @@ def inspect_data(path: str | Path, image_root: str | Path | None = None, fmt: st
         return DataSummary("text", report.total, report.kept, {"text": report.kept}, 0,
                            [f"{b.source}: {b.reason}" for b in report.skipped], preview)
     root = str(image_root if image_root is not None else path.parent)
+    if fmt in PREFERENCE_FORMATS or (fmt == "auto" and _looks_like_pairs(path)):
+        return _inspect_pairs(path, root, fmt)
     report = check_records([str(path)], fmt, None, root)
     samples = read_data([str(path)], fmt).samples
     formats: dict[str, int] = {}
@@ -111,6 +116,35 @@ def inspect_data(path: str | Path, image_root: str | Path | None = None, fmt: st
                for s in samples[:PREVIEW_RECORDS]]
     return DataSummary("conversations", report.total, report.kept, formats, sum(bool(s.images) for s in samples),
                        [f"{b.source}: {b.reason}" for b in report.skipped], preview)
+
+
+def _inspect_pairs(path: Path, image_root: str, fmt: str) -> DataSummary:
+    """A preference file (stages dpo, text-dpo) checked as `llava-kit data check --stage dpo` checks it."""
+    from llava_kit.data.check import check_pairs
+    from llava_kit.data.readers.preference import read_pairs
+
+    report = check_pairs([str(path)], fmt, "dpo", image_root)
+    pairs = read_pairs([str(path)], fmt, "dpo").pairs
+    formats: dict[str, int] = {}
+    for counts in report.formats.values():
+        for name, count in counts.items():
+            formats[name] = formats.get(name, 0) + count
+    preview = [{"source": p.source, "images": [_short(i) for i in p.images],
+                "messages": [{"role": m["role"], "content": m["content"]} for m in p.prompt],
+                "chosen": p.chosen["content"], "rejected": p.rejected["content"]}
+               for p in pairs[:PREVIEW_RECORDS]]
+    return DataSummary("preference", report.total, report.kept, formats, sum(bool(p.images) for p in pairs),
+                       [f"{b.source}: {b.reason}" for b in report.skipped], preview)
+
+
+def _looks_like_pairs(path: Path) -> bool:
+    """JSON records whose first one has a preference format's shape (chosen/rejected answers)."""
+    if path.suffix == ".txt":
+        return False
+    from llava_kit.data.readers import iter_file_records
+    from llava_kit.data.readers.preference import is_pair_record
+
+    return any(not error and is_pair_record(record) for _, record, error in _first_records(path, iter_file_records, 1))
 
 
 def _looks_like_text(path: Path) -> bool:

@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 
 
 class LazyService:
-    """A generation service that opens its model directory on first use (what a model worker calls of a
-    GenerationService: supports_images, preprocess, encode, generate)."""
+    """A generation service that opens its model directory on first use: `supports_images` is read from the
+    directory's files; any other attribute a model worker asks for (preprocess, encode, generate, ...) is the loaded
+    GenerationService's own, so the two cannot drift apart."""
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
@@ -41,14 +42,10 @@ class LazyService:
                 self._service = GenerationService.from_loaded(open_model_dir(self.model_dir))
             return self._service
 
-    def preprocess(self, images: list):
-        return self.service.preprocess(images)
-
-    def encode(self, messages: list[dict], n_images: int = 0) -> list[int]:
-        return self.service.encode(messages, n_images)
-
-    def generate(self, requests: list) -> list:
-        return self.service.generate(requests)
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # (not yet set during __init__, copy or pickling: no load for those)
+            raise AttributeError(name)
+        return getattr(self.service, name)
 
 
 def reads_images(model_dir: Path) -> bool:

@@ -18,6 +18,10 @@ Hyperparameters (OpenAI's names; `auto` keeps the recipe's value):
 | `n_epochs`                 | `train.num_epochs` (and `train.max_steps: -1`, so the epochs decide)              |
 | `batch_size`               | the global batch: `train.micro_batch_size` x `train.gradient_accumulation_steps` |
 | `learning_rate_multiplier` | times `train.learning_rate` and `train.projector_learning_rate`                    |
+| `beta` (method dpo)        | `train.preference.beta` (default 0.1)                                              |
+
+Method `dpo` trains stage `dpo` (text-dpo from a text base) on uploaded preference pairs: LoRA on the LLM, the
+reference being the same model with its adapter disabled, the projector frozen (docs/preference.md).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_kit.config import STAGE_FORMATS, STAGE_MODALITY
+from llava_kit.config import PREFERENCE_FORMATS, PREFERENCE_STAGES, STAGE_FORMATS, STAGE_MODALITY, PreferenceConfig
 from llava_kit.errors import UsageError
 from llava_kit.schema import load_yaml_file
 
@@ -168,13 +172,20 @@ def _has_chat_template(path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- the job's config
 
 def method_stage(method: str, base_stage: str) -> str:
-    """The stage a method trains: supervised keeps the base's stage; dpo is refused until the studio's bases,
-    uploads and hyperparameters (beta) are wired to the `dpo` stage (`llava-kit train` runs it: docs/preference.md)."""
+    """The stage a method trains from a base of `base_stage`: supervised keeps it; dpo trains `dpo` from a
+    multimodal conversation base and `text-dpo` from a text one (docs/preference.md). A base that does not tune the
+    LLM on conversations (pretrain, text-pt) is refused for dpo, with the bases that fit."""
     if method == "supervised":
         return base_stage
     if method == "dpo":
-        raise FineTuneError("dpo jobs are not supported by this server yet; use method supervised here, or train "
-                            "`stage: dpo` with `llava-kit train` (docs/preference.md)", param="method")
+        if base_stage in ("sft", "dpo"):
+            return "dpo"
+        if base_stage in ("text-sft", "text-dpo"):
+            return "text-dpo"
+        raise FineTuneError(f"method dpo tunes the LLM's answers in a chat template, and this base trains stage "
+                            f"{base_stage} ({'the projector alone' if base_stage == 'pretrain' else 'raw text'}); "
+                            "start dpo from a base that trains sft or text-sft (a recipe such as tiny-shapes, a "
+                            "merged model, or a finished supervised job's fine_tuned_model)", param="model")
     raise FineTuneError(f"method {method!r} is not supported; this server trains {' or '.join(METHODS)}",
                         param="method.type")
 
@@ -183,6 +194,16 @@ def check_data_fits(summary: dict, stage: str, param: str) -> None:
     """Refuse data a stage cannot train on (raw text for a conversation stage, images for a text stage, a format
     the stage does not read), naming the file's field."""
     kind, formats = summary.get("kind"), summary.get("formats", {})
+    preference = stage in PREFERENCE_STAGES
+    if preference and kind != "preference":
+        raise FineTuneError(f"{param}: method dpo trains on preference pairs (a prompt with a chosen and a rejected "
+                            f"answer: {', '.join(PREFERENCE_FORMATS)}), and the file holds "
+                            f"{'raw text' if kind == 'text' else 'conversations with one answer each'}; upload pairs, "
+                            "or train this file with method supervised", param=param)
+    if kind == "preference" and not preference:
+        raise FineTuneError(f"{param}: the file holds preference pairs (chosen and rejected answers); train them with "
+                            "method dpo, or upload conversations with one answer each for method supervised",
+                            param=param)
     if stage == "text-pt" and kind != "text":
         raise FineTuneError(f"{param}: this base trains stage text-pt on raw text, but the file holds conversations",
                             param=param)
@@ -229,6 +250,8 @@ def fine_tune_config(base: Base, method: str, hyperparameters: dict, data_path: 
     config = copy.deepcopy(base.config)
     config["stage"] = method_stage(method, config.get("stage", "sft"))
     config["output_dir"] = output_dir
+    if config["stage"] in PREFERENCE_STAGES:
+        _preference_settings(config, hyperparameters.get("beta", "auto"))
     if seed is not None:
         config["seed"] = seed
     data = config.setdefault("data", {})
@@ -238,4 +261,20 @@ def fine_tune_config(base: Base, method: str, hyperparameters: dict, data_path: 
     train = config.setdefault("train", {})
     echoed = apply_hyperparameters(train, hyperparameters)
     train["logging_steps"] = 1  # every step's loss is an event of the job, as OpenAI reports them
+    if config["stage"] in PREFERENCE_STAGES:
+        echoed["beta"] = train["preference"].get("beta", PreferenceConfig().beta)
     return config, echoed
+
+
+def _preference_settings(config: dict, beta) -> None:
+    """A base's config turned to a dpo job's: the LLM's adapter trained against itself disabled (the reference), the
+    projector frozen (so the reference needs no copy), no packing; `beta` (not `auto`) sets the loss's beta."""
+    model, train = config.setdefault("model", {}), config.setdefault("train", {})
+    trainable = model.setdefault("trainable", {})
+    if config["stage"] == "dpo":
+        trainable["projector"] = "frozen"
+        train.pop("projector_learning_rate", None)
+    config.setdefault("data", {})["packing"] = False
+    preference = train.setdefault("preference", {})
+    if beta != "auto":
+        preference["beta"] = beta

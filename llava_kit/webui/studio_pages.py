@@ -185,6 +185,8 @@ def _preview_markdown(preview: list[dict]) -> str:
             body = record["text"]
         else:
             body = "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+            if "chosen" in record:  # a preference pair: the prompt, then both answers
+                body += f"\nassistant (chosen): {record['chosen']}\nassistant (rejected): {record['rejected']}"
         parts.append(f"`{record['source']}`{images}\n~~~~text\n{body.replace('~~~~', '~ ~ ~ ~')}\n~~~~")
     return "\n\n".join(parts)
 

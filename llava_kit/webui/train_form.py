@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llava_kit.config import STAGE_MODALITY
+from llava_kit.config import PREFERENCE_STAGES, STAGE_MODALITY
 from llava_kit.studio.recipes import configs_dir
 
 FIELDS = ("stage", "label", "vision", "llm", "projector", "init_from", "data_path", "image_root", "data_format",
@@ -24,7 +24,10 @@ DEEPSPEED = ("none", "zero2", "zero3")
 STAGE_DEFAULTS = {"pretrain": {"llm_trainable": "frozen", "template": "plain"},
                   "sft": {"llm_trainable": "lora", "template": "chatml"},
                   "text-pt": {"llm_trainable": "lora", "template": "plain"},
-                  "text-sft": {"llm_trainable": "lora", "template": "chatml"}}
+                  "text-sft": {"llm_trainable": "lora", "template": "chatml"},
+                  "dpo": {"llm_trainable": "lora", "template": "chatml"},
+                  "text-dpo": {"llm_trainable": "lora", "template": "chatml"}}
+"""What choosing a stage on the page sets; every stage of config.STAGES has an entry (tested)."""
 
 
 def source_path(path: str) -> str:
@@ -89,7 +92,9 @@ def config_from_form(values: dict) -> dict:
              "gradient_accumulation_steps": _int(values["gradient_accumulation_steps"]),
              "learning_rate": float(values["learning_rate"]), "logging_steps": _int(values["logging_steps"]),
              "save_steps": _int(values["save_steps"]), "use_cpu": bool(values["use_cpu"]), "report_to": "none"}
-    if values.get("projector_learning_rate") and not text:
+    if stage in PREFERENCE_STAGES:  # its projector stays frozen (the reference is the adapter-disabled policy)
+        data["packing"] = False
+    elif values.get("projector_learning_rate") and not text:
         train["projector_learning_rate"] = float(values["projector_learning_rate"])
     if values.get("deepspeed", "none") != "none":
         train["deepspeed"] = str(configs_dir() / "deepspeed" / f"{values['deepspeed']}.json")

@@ -43,6 +43,19 @@ def openai_records(count: int) -> list[dict]:
     return records
 
 
+def openai_pairs(count: int) -> list[dict]:
+    """The first `count` shapes preference pairs in OpenAI's preference fine-tuning JSONL, each image a data URL."""
+    records = []
+    for pair in json.loads((SHAPES / "pairs.json").read_text())[:count]:
+        url = "data:image/png;base64," + base64.b64encode((SHAPES / "images" / pair["images"][0]).read_bytes()).decode()
+        question = pair["conversations"][0]["value"].replace("<image>\n", "")
+        records.append({"input": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]},
+            "preferred_output": [{"role": "assistant", "content": pair["chosen"]["value"]}],
+            "non_preferred_output": [{"role": "assistant", "content": pair["rejected"]["value"]}]})
+    return records
+
+
 def jsonl(records: list) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
@@ -66,6 +79,11 @@ def client(studio):
 @pytest.fixture(scope="module")
 def training_file(client):
     return client.files.create(file=("shapes.jsonl", jsonl(openai_records(16))), purpose="fine-tune")
+
+
+@pytest.fixture(scope="module")
+def preference_file(client):
+    return client.files.create(file=("pairs.jsonl", jsonl(openai_pairs(8))), purpose="fine-tune")
 
 
 def refused(call, status: int = 400) -> dict:
@@ -139,7 +157,8 @@ def test_wrong_purpose_too_large_and_no_key_are_refused(client):
     ({"hyperparameters": {"n_epoch": 2}}, "hyperparameters.n_epoch", "Extra inputs are not permitted"),
     ({"hyperparameters": {"learning_rate_multiplier": "fast"}}, "hyperparameters.learning_rate_multiplier",
      'must be "auto" or a number above 0'),
-    ({"method": {"type": "dpo"}}, "method", "dpo jobs are not supported by this server yet"),
+    ({"method": {"type": "dpo"}}, "training_file", "method dpo trains on preference pairs"),
+    ({"hyperparameters": {"beta": 0.2}}, "hyperparameters.beta", "is a hyperparameter of method dpo"),
     ({"method": {"type": "reinforcement"}}, "method.type", "method 'reinforcement' is not supported"),
     ({"training_file": "file-nothere"}, "training_file", "no file 'file-nothere' on this server"),
     ({"suffix": "my model"}, "suffix", "suffix must be 1 to 64 letters"),
@@ -175,6 +194,24 @@ def test_a_job_is_listed_retrieved_and_cancelled(client, training_file):
     assert refused(lambda: client.fine_tuning.jobs.retrieve("ftjob-nothere"), 404)["code"] == "job_not_found"
 
 
+def test_a_dpo_job_is_created_from_uploaded_pairs_and_refused_where_it_cannot_train(client, studio, training_file,
+                                                                                    preference_file):
+    assert preference_file.status == "processed"
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}}
+    for fields, param, says in (
+            ({"model": "tiny-shapes-pretrain"}, "model", "this base trains stage pretrain (the projector alone)"),
+            ({"method": {"type": "supervised"}}, "training_file", "the file holds preference pairs"),
+            ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta",
+             'must be "auto" or a number above 0')):
+        request = {"model": "tiny-shapes", "training_file": preference_file.id, "method": dpo, **fields}
+        body = refused(lambda request=request: client.fine_tuning.jobs.create(**request))
+        assert body["param"] == param and says in body["message"], body
+    job = client.fine_tuning.jobs.create(model="tiny-shapes", training_file=preference_file.id, method=dpo)
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.hyperparameters.n_epochs == 1
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"  # (the slow test below runs one to its end)
+
+
 # ---------------------------------------------------------------------------------------------- a whole job
 
 @pytest.mark.slow
@@ -206,4 +243,23 @@ def test_a_tiny_model_is_fine_tuned_followed_and_chatted_with(client, training_f
     answer = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": openai_records(1)[0]["messages"][0]["content"][0]["image_url"]["url"]}},
         {"type": "text", "text": "What shape is in the image?"}]}])
+    assert answer.model == job.fine_tuned_model and answer.usage.completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_a_dpo_job_is_followed_to_its_model_and_chatted_with(client, preference_file):
+    job = client.fine_tuning.jobs.create(model="tiny-shapes", training_file=preference_file.id, seed=1, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 4, "beta": 0.5}}})
+    deadline = time.monotonic() + 600
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"still {job.status}"
+        time.sleep(0.5)
+    assert job.status == "succeeded", job.error
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert [m.split(":")[0] for m in events if m.startswith("Step ") and "loss" in m] == ["Step 2/2", "Step 1/2"]
+    results = client.files.content(job.result_files[0]).text.splitlines()
+    assert results[0].startswith("step,train_loss") and len(results) == 3
+    url = openai_pairs(1)[0]["input"]["messages"][0]["content"][0]["image_url"]["url"]
+    answer = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4, messages=[{"role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe the image."}]}])
     assert answer.model == job.fine_tuned_model and answer.usage.completion_tokens >= 1

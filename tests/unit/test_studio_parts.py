@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llava_kit import cli
-from llava_kit.config import config_from_dict
+from llava_kit.config import STAGES, config_from_dict
 from llava_kit.schema import load_yaml_file
 from llava_kit.studio import JobRecord, Store, Studio
 from llava_kit.studio.files import UploadError, extract_zip, inspect_data, safe_filename
@@ -21,10 +21,11 @@ from llava_kit.studio.recipes import (
     apply_hyperparameters,
     check_data_fits,
     configs_dir,
+    fine_tune_config,
     method_stage,
     resolve_base,
 )
-from llava_kit.webui.train_form import config_from_form, form_from_config
+from llava_kit.webui.train_form import STAGE_DEFAULTS, config_from_form, form_from_config
 
 SHAPES = Path(__file__).resolve().parents[2] / "assets" / "shapes_small"
 
@@ -61,10 +62,28 @@ def test_a_run_directory_as_a_base_is_refused_with_the_merge_command(tmp_path):
         resolve_base(str(tmp_path), fine_tuned={})
 
 
-def test_dpo_jobs_are_refused_with_the_way_to_train_dpo():
+def test_method_dpo_trains_the_preference_stage_of_the_base():
     assert method_stage("supervised", "sft") == "sft"
-    with pytest.raises(FineTuneError, match=r"dpo jobs are not supported by this server yet.*llava-kit train"):
-        method_stage("dpo", "sft")
+    assert method_stage("dpo", "sft") == "dpo" and method_stage("dpo", "text-sft") == "text-dpo"
+    with pytest.raises(FineTuneError, match=r"this base trains stage pretrain \(the projector alone\).*tiny-shapes"):
+        method_stage("dpo", "pretrain")
+    with pytest.raises(FineTuneError, match=r"method 'ppo' is not supported"):
+        method_stage("ppo", "sft")
+
+
+def test_a_dpo_job_config_freezes_the_projector_and_sets_beta(tmp_path):
+    base = resolve_base("tiny-shapes", fine_tuned={})
+    config, echoed = fine_tune_config(base, "dpo", {"n_epochs": 1, "beta": 0.25}, str(SHAPES / "pairs.json"),
+                                      str(SHAPES / "images"), str(tmp_path / "run"), seed=3)
+    assert echoed == {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 1.0, "beta": 0.25}
+    cfg = config_from_dict(config)  # the whole run config, checked as `llava-kit train` checks it
+    assert cfg.stage == "dpo" and cfg.train.preference.beta == 0.25 and cfg.train.projector_learning_rate is None
+    assert (cfg.model.trainable.projector, cfg.model.trainable.llm, cfg.data.packing) == ("frozen", "lora", False)
+    text = resolve_base("tiny-text", fine_tuned={})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"question": "Who are you?", "chosen": "A helper.", "rejected": "A rock."}) + "\n")
+    config, echoed = fine_tune_config(text, "dpo", {}, str(pairs), "", str(tmp_path / "text"), seed=None)
+    assert config_from_dict(config).stage == "text-dpo" and echoed["beta"] == 0.1  # the loss's default
 
 
 @pytest.mark.parametrize(("summary", "stage", "says"), [
@@ -72,11 +91,15 @@ def test_dpo_jobs_are_refused_with_the_way_to_train_dpo():
     ({"kind": "conversations", "formats": {"llava": 3}}, "text-pt", "trains stage text-pt on raw text"),
     ({"kind": "conversations", "formats": {"openai": 3}, "with_images": 2}, "text-sft", "2 records have images"),
     ({"kind": "conversations", "formats": {"moss": 3}}, "sft", "stage sft does not read moss records"),
+    ({"kind": "conversations", "formats": {"llava": 3}}, "dpo", "method dpo trains on preference pairs"),
+    ({"kind": "preference", "formats": {"pairwise": 3}}, "sft", "the file holds preference pairs.*method dpo"),
+    ({"kind": "preference", "formats": {"pairwise": 3}, "with_images": 3}, "text-dpo", "3 records have images"),
 ])
 def test_data_a_stage_cannot_train_on_is_refused(summary, stage, says):
     with pytest.raises(FineTuneError, match=says):
         check_data_fits(summary, stage, "training_file")
     check_data_fits({"kind": "conversations", "formats": {"llava": 3}, "with_images": 3}, "sft", "training_file")
+    check_data_fits({"kind": "preference", "formats": {"pairwise": 3}, "with_images": 3}, "dpo", "training_file")
 
 
 # ---------------------------------------------------------------------------------------------- the Train page's form
@@ -96,6 +119,15 @@ def test_the_train_form_round_trips_a_recipe_into_a_valid_config(tmp_path):
     config = config_from_form(text)
     assert "vision" not in config["model"] and "image_root" not in config["data"]
     assert config_from_dict({**config, "output_dir": str(tmp_path / "text")}).stage == "text-sft"
+
+    dpo = form_from_config(load_yaml_file(configs_dir() / "tiny" / "dpo.yaml"))
+    dpo["projector_learning_rate"] = 1e-3  # the page's field; a dpo run's projector stays frozen
+    cfg = config_from_dict({**config_from_form(dpo), "output_dir": str(tmp_path / "dpo")})
+    assert cfg.stage == "dpo" and cfg.model.trainable.projector == "frozen" and cfg.train.projector_learning_rate is None
+
+
+def test_every_stage_has_the_train_pages_defaults():
+    assert set(STAGE_DEFAULTS) == set(STAGES)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -146,6 +178,19 @@ def test_upload_names_are_made_safe_and_text_data_is_recognised(tmp_path):
     conversations = inspect_data(SHAPES / "sft.json", SHAPES / "images")
     assert conversations.kind == "conversations" and conversations.records == conversations.with_images == 48
     assert conversations.preview[0]["messages"][0]["content"].startswith("<image>\n")
+    pairs = inspect_data(SHAPES / "pairs.json", SHAPES / "images")
+    assert (pairs.kind, pairs.records, pairs.with_images, pairs.formats) == ("preference", 48, 48, {"pairwise": 48})
+    first = json.loads((SHAPES / "pairs.json").read_text())[0]
+    assert pairs.preview[0]["chosen"] == first["chosen"]["value"] and pairs.preview[0]["rejected"] == first[
+        "rejected"]["value"]
+    from llava_kit.webui.studio_pages import _preview_markdown  # the Train page shows the prompt and both answers
+
+    assert f"assistant (chosen): {first['chosen']['value']}\nassistant (rejected): {first['rejected']['value']}" in \
+        _preview_markdown(pairs.preview)
+    broken = tmp_path / "pairs.jsonl"
+    broken.write_text(json.dumps({"question": "Which?", "chosen": "A.", "rejected": "A."}) + "\n")
+    assert inspect_data(broken).problems == ["pairs.jsonl:1: the chosen and rejected answers are the same text: "
+                                             "nothing to prefer"]
 
 
 # ---------------------------------------------------------------------------------------------- served models
@@ -235,3 +280,18 @@ def test_any_llava_kit_command_can_be_queued_as_a_job(tmp_path, capsys, monkeypa
     queued = studio.store.job(out.strip())
     assert code == 0 and queued.steps == [["eval", "--model", "m", "--data", "q.jsonl", "--image-root", "img"]]
     assert queued.cwd == str(tmp_path) and queued.status == "queued"
+
+
+def test_a_lazy_service_answers_with_the_loaded_services_own_methods(tmp_path, monkeypatch):
+    from llava_kit.studio import models
+
+    class Loaded:
+        def encode(self, messages, n_images=0, image_sizes=None):  # the worker passes each image's size (AnyRes)
+            return [len(messages), n_images, len(image_sizes or ())]
+
+    monkeypatch.setattr(models, "reads_images", lambda path: True)
+    lazy = models.LazyService(tmp_path)
+    lazy._service = Loaded()  # as if its directory had been opened
+    assert lazy.supports_images and lazy.encode([{"role": "user"}], 1, [(32, 64)]) == [1, 1, 1]
+    with pytest.raises(AttributeError):
+        _ = lazy.no_such_method

@@ -209,6 +209,11 @@ def _looks_like(record) -> str | None:
     return next((name for name, reader in PREFERENCE_READERS.items() if reader.looks_like(record)), None)
 
 
+def is_pair_record(record) -> bool:
+    """Whether a record has the shape of one of the preference formats (what `auto` would read as a pair)."""
+    return isinstance(record, dict) and _looks_like(record) is not None
+
+
 def _not_a_pair(record) -> str:
     """Why a record is no preference pair, naming what it looks like."""
     from llava_kit.data.readers import _looks_like as conversation_format
