@@ -489,9 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where data, runs and the merged model go "
                                                    "(default ./demo_workdir)")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline (accuracy is low)")
-    p.add_argument("--task", default="shapes", choices=["shapes", "wide"],
-                   help="shapes (default), or wide: shapes on 2:1 to 3:1 canvases read at any resolution (AnyRes "
-                        "tiles; docs/high-resolution.md)")
+    p.add_argument("--task", default="shapes", choices=["shapes", "wide", "small"],
+                   help="shapes (default); wide: shapes on 2:1 to 3:1 canvases read at any resolution (AnyRes "
+                        "tiles); small: shapes 6-10%% of a large canvas, too small for the fixed strategy's squash, "
+                        "read by AnyRes (docs/high-resolution.md)")
     p.add_argument("--preference", action="store_true",
                    help="the preference recipe instead: an sft that names absent shapes, then dpo; prints how often "
                         "answers name an absent shape before and after (docs/preference.md; default workdir "

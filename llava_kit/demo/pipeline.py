@@ -69,6 +69,15 @@ class DemoRecipe:
     """The task's canvases: None, the demo's own (sides 96-256 px drawn apart); (low, high), the long side low..high
     times the short one, wide or tall (the high-resolution task, docs/high-resolution.md). The tower's warm-up, which
     stands in for its pretraining, always sees the demo's own images."""
+    min_side: int = 96
+    max_side: int = 256
+    """The task's canvas sides (or short sides with `aspect`) are drawn from min_side..max_side pixels."""
+    size_fraction: tuple[float, float] = (0.3, 0.6)
+    """The shape's diameter as a fraction of the canvas's short side: (0.3, 0.6) the demo's; small values with large
+    canvases make the small-shapes task (`small`), where the fixed strategy's 32 px squash leaves a shape a few
+    pixels wide."""
+    equal_area: bool = False
+    """Draw the four shapes with the same area (`ShapeSize.equal_area`): only their outline tells them apart."""
     projector: str = "mlp2x_gelu"
     projector_options: dict = field(default_factory=dict)
     image_strategy: str = "fixed"
@@ -87,6 +96,21 @@ class DemoRecipe:
         tower) through the 2x2-pooling avgpool projector; docs/high-resolution.md has the measurements."""
         recipe = cls(n_train=3000, n_eval=100, aspect=(2.0, 3.0), projector="avgpool", image_strategy="anyres",
                      grid_pinpoints="anyres_max_3", sft_steps=600)
+        if quick:
+            recipe = dataclasses.replace(recipe, **{k: v for k, v in asdict(cls.quick()).items()
+                                                    if k in ("n_train", "n_eval", "warmup_steps", "text_pt_steps",
+                                                             "pretrain_steps", "sft_steps")})
+        return recipe
+
+    @classmethod
+    def small(cls, quick: bool = False) -> DemoRecipe:
+        """`llava-kit demo --task small`: a shape of the area of a circle 6-10% of a 256-320 px canvas across (the four
+        shapes of equal area), read by AnyRes at up to 4x4 tiles (each tile shows the shape about as large as the
+        tower's warm-up saw shapes; squashed whole into 32 px it is 2-3 px wide) through the 2x2-pooling avgpool
+        projector; docs/high-resolution.md has the measurements."""
+        recipe = cls(n_train=3000, n_eval=100, min_side=256, max_side=320, size_fraction=(0.06, 0.10),
+                     equal_area=True, projector="avgpool", image_strategy="anyres", grid_pinpoints="anyres_max_16",
+                     sft_steps=1500, sft_lr=2e-3, sft_projector_lr=2e-3)
         if quick:
             recipe = dataclasses.replace(recipe, **{k: v for k, v in asdict(cls.quick()).items()
                                                     if k in ("n_train", "n_eval", "warmup_steps", "text_pt_steps",
@@ -176,7 +200,7 @@ def prepare_shapes(recipe: DemoRecipe, workdir: str | Path, timings: dict | None
     import torch
 
     from llava_kit.config import load_config
-    from llava_kit.demo.shapes import write_shapes_dataset
+    from llava_kit.demo.shapes import ShapeSize, write_shapes_dataset
     from llava_kit.demo.tower_warmup import labels_from_caption, warm_up_tower
     from llava_kit.testing.tiny import init_tiny
     from llava_kit.train.engine import train
@@ -187,10 +211,14 @@ def prepare_shapes(recipe: DemoRecipe, workdir: str | Path, timings: dict | None
     torch.manual_seed(recipe.seed)
     with _stage("data", timings):
         aspect = tuple(recipe.aspect) if recipe.aspect else None
-        data = write_shapes_dataset(workdir / "data", recipe.n_train, recipe.n_eval, seed=recipe.seed, aspect=aspect)
+        size = ShapeSize(*recipe.size_fraction, equal_area=recipe.equal_area)
+        own_images = aspect is None and size == ShapeSize() and (recipe.min_side, recipe.max_side) == (
+            DemoRecipe.min_side, DemoRecipe.max_side)
+        data = write_shapes_dataset(workdir / "data", recipe.n_train, recipe.n_eval, seed=recipe.seed,
+                                    min_side=recipe.min_side, max_side=recipe.max_side, aspect=aspect, size=size)
         # the warm-up stands in for the tower's pretraining: on the demo's own images whatever the task's canvases
-        warmup_data = data if aspect is None else write_shapes_dataset(workdir / "warmup_data", recipe.n_train, 0,
-                                                                       seed=recipe.seed)
+        warmup_data = data if own_images else write_shapes_dataset(workdir / "warmup_data", recipe.n_train, 0,
+                                                                   seed=recipe.seed)
     with _stage("models", timings):
         models = init_tiny(workdir / "models", recipe.vision, recipe.llm, seed=recipe.seed)
     with _stage("tower warm-up", timings):
@@ -215,7 +243,8 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
              results=None, task: str = "shapes") -> int:
     """Run the whole demo; prints the eval report (last line `accuracy: X.XX`) to `results` (stdout).
 
-    `task`: "shapes" (the demo) or "wide" (shapes on 2:1 to 3:1 canvases read by AnyRes: `DemoRecipe.wide`)."""
+    `task`: "shapes" (the demo), "wide" (shapes on 2:1 to 3:1 canvases read by AnyRes: `DemoRecipe.wide`) or
+    "small" (small shapes on large canvases read by AnyRes: `DemoRecipe.small`)."""
     from llava_kit.config import load_config
     from llava_kit.eval import evaluate, format_report, read_eval_records
     from llava_kit.export.merge import merge_run
@@ -224,7 +253,8 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False, recipe: 
     from llava_kit.train.engine import train
 
     if recipe is None:
-        recipe = DemoRecipe.wide(quick) if task == "wide" else (DemoRecipe.quick() if quick else DemoRecipe())
+        tasks = {"wide": DemoRecipe.wide, "small": DemoRecipe.small}
+        recipe = tasks[task](quick) if task in tasks else (DemoRecipe.quick() if quick else DemoRecipe())
     workdir = Path(workdir).resolve()
     timings: dict[str, float] = {}
     logger.info("demo in %s (%s recipe)", workdir, "quick" if quick else "full")

@@ -69,6 +69,36 @@ SIZE_FRACTION = (0.3, 0.6)
 STAR_INNER_RATIO = 0.45
 """Inner / outer radius of the five-pointed star (0.38 is the regular star; fatter reads better small)."""
 
+AREA_PER_RADIUS2 = {"circle": math.pi, "square": 2.0, "triangle": 3 * math.sqrt(3) / 4,
+                    "star": 5 * STAR_INNER_RATIO * math.sin(math.pi / 5)}
+"""Each shape's area over its circumradius squared (the star: ten triangles between outer and inner vertices)."""
+
+
+@dataclass(frozen=True)
+class ShapeSize:
+    """How large shapes are drawn: a diameter drawn from low..high times the canvas's short side.
+
+    `equal_area` False (the demo's): the diameter is the shape's circumscribed circle's, so at one diameter a circle
+    covers 2.4x a triangle's area. True: the diameter is that of the circle of the shape's area, so the four shapes
+    cover the same area and only their outline tells them apart: a blurred or squashed copy then carries no cue to
+    the shape in how much colour it holds (the small-shapes task of docs/high-resolution.md)."""
+
+    low: float = SIZE_FRACTION[0]
+    high: float = SIZE_FRACTION[1]
+    equal_area: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.low <= self.high <= 0.9:
+            raise UsageError(f"shape size must be (low, high) fractions of the short side with 0 < low <= high <= 0.9, "
+                             f"got ({self.low}, {self.high})")
+
+    def radius(self, rng: random.Random, shape: str, short_side: int) -> float:
+        """The circumradius in pixels of one `shape` on a canvas whose short side is `short_side`."""
+        radius = rng.uniform(self.low, self.high) * short_side / 2
+        if self.equal_area:  # the radius of a circle of the same area -> this shape's circumradius
+            radius *= math.sqrt(math.pi / AREA_PER_RADIUS2[shape])
+        return min(radius, short_side / 2 - 3)  # stays inside the canvas with its margin
+
 IMAGE_TOKEN = "<image>"
 
 
@@ -104,11 +134,12 @@ def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tup
 
 
 def draw_shape_image(
-    rng: random.Random, shape: str, color: str, width: int, height: int, background: str = "white"
+    rng: random.Random, shape: str, color: str, width: int, height: int, background: str = "white",
+    size: ShapeSize = ShapeSize(),
 ) -> Image.Image:
     """Draw one filled `shape` in a jittered `color` on a `width` x `height` RGB canvas.
 
-    The shape's circumscribed circle has a diameter of 30-60% of the shorter side (drawn from `rng`)
+    The shape's size follows `size` (default: a circumscribed circle 30-60% of the shorter side, drawn from `rng`)
     and a random centre at least one pixel from every edge; squares, triangles and stars get a random
     rotation. Drawing is not anti-aliased, so every shape pixel has exactly the jittered colour.
     """
@@ -120,7 +151,7 @@ def draw_shape_image(
 
     image = Image.new("RGB", (width, height), BACKGROUNDS[background])
     fill = _jittered(rng, COLORS[color])
-    radius = rng.uniform(*SIZE_FRACTION) * min(width, height) / 2
+    radius = size.radius(rng, shape, min(width, height))
     # Keep a one-pixel margin (plus one for rounding) so the outermost rows and columns stay background.
     margin = radius + 2
     cx = rng.uniform(margin, width - margin)
@@ -160,9 +191,9 @@ def random_spec(rng: random.Random, shape: str, color: str, min_side: int = 96, 
     return ShapeSpec(shape=shape, color=color, width=width, height=height, background=rng.choice(list(BACKGROUNDS)))
 
 
-def draw_spec(rng: random.Random, spec: ShapeSpec) -> Image.Image:
+def draw_spec(rng: random.Random, spec: ShapeSpec, size: ShapeSize = ShapeSize()) -> Image.Image:
     """Draw the image described by `spec` (position, size, rotation and jitter come from `rng`)."""
-    return draw_shape_image(rng, spec.shape, spec.color, spec.width, spec.height, spec.background)
+    return draw_shape_image(rng, spec.shape, spec.color, spec.width, spec.height, spec.background, size)
 
 
 def answer_for(kind: str, spec: ShapeSpec) -> str:
@@ -237,26 +268,27 @@ def _balanced_combos(rng: random.Random, n: int) -> list[tuple[str, str]]:
 
 def _write_split(
     rng: random.Random, image_dir: Path, split: str, n: int, min_side: int, max_side: int,
-    aspect: tuple[float, float] | None = None,
+    aspect: tuple[float, float] | None = None, size: ShapeSize = ShapeSize(),
 ) -> list[tuple[str, ShapeSpec]]:
     (image_dir / split).mkdir(parents=True, exist_ok=True)
     samples = []
     for index, (shape, color) in enumerate(_balanced_combos(rng, n)):
         spec = random_spec(rng, shape, color, min_side, max_side, aspect)
         rel = f"{split}/{index:06d}.png"
-        draw_spec(rng, spec).save(image_dir / rel, compress_level=1)
+        draw_spec(rng, spec, size).save(image_dir / rel, compress_level=1)
         samples.append((rel, spec))
     return samples
 
 
 def write_shapes_dataset(
     out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0, min_side: int = 96, max_side: int = 256,
-    aspect: tuple[float, float] | None = None,
+    aspect: tuple[float, float] | None = None, size: ShapeSize = ShapeSize(),
 ) -> dict[str, Path]:
     """Write the shapes dataset under `out_dir`; the same `seed` gives the same files.
 
     `aspect` (low, high): canvases whose long side is low..high times the short one, wide or tall (`random_spec`);
-    the high-resolution task of docs/high-resolution.md. None: the demo's own images.
+    the high-resolution task of docs/high-resolution.md. None: the demo's own images. `size`: how large the shapes
+    are (`ShapeSize`; small equal-area shapes on large canvases: the small-shapes task).
 
     Layout: `images/train/NNNNNN.png`, `images/eval/NNNNNN.png` (image paths in the JSON files are
     relative to `images/`), `pretrain.json` (LLaVA JSON: one caption sample per training image),
@@ -269,8 +301,8 @@ def write_shapes_dataset(
     out = Path(out_dir)
     image_dir = out / "images"
     rng = random.Random(seed)
-    train = _write_split(rng, image_dir, "train", n_train, min_side, max_side, aspect)
-    held_out = _write_split(rng, image_dir, "eval", n_eval, min_side, max_side, aspect)
+    train = _write_split(rng, image_dir, "train", n_train, min_side, max_side, aspect, size)
+    held_out = _write_split(rng, image_dir, "eval", n_eval, min_side, max_side, aspect, size)
 
     pretrain, sft = [], []
     for rel, spec in train:

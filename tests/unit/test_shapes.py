@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 
 import pytest
@@ -14,12 +15,14 @@ from llava_kit.demo.shapes import (
     COLORS,
     QUESTIONS,
     SHAPES,
+    ShapeSize,
     ShapeSpec,
     answer_for,
     draw_shape_image,
     score_answer,
     write_shapes_dataset,
 )
+from llava_kit.errors import UsageError
 
 
 def _shape_pixels(image, background):
@@ -188,3 +191,29 @@ def test_wide_canvases_keep_their_aspect_range_either_way():
     assert all(1.98 <= r <= 3.02 for r in ratios) and 96 <= min(min(s.width, s.height) for s in specs)
     wide = sum(s.width > s.height for s in specs)
     assert 60 < wide < 140  # wide and tall both
+
+
+def test_small_shapes_span_their_size_fraction_of_the_short_side():
+    rng = random.Random(2)
+    spans = []
+    for trial in range(24):
+        image = draw_shape_image(rng, SHAPES[trial % 4], "blue", 320, 256, "white", ShapeSize(0.06, 0.10))
+        inside = _shape_pixels(image, BACKGROUNDS["white"])
+        xs, ys = [x for x, _ in inside], [y for _, y in inside]
+        spans.append(max(max(xs) - min(xs), max(ys) - min(ys)) + 1)
+    # the circumscribed diameter is 15-26 px of the 256 px short side; a shape spans at most that (+1 for rounding),
+    # and a triangle at its narrowest still ~0.75 of it
+    assert all(10 <= span <= 27 for span in spans) and max(spans) > 20
+    with pytest.raises(UsageError, match=r"shape size must be \(low, high\) fractions .* got \(0.5, 0.2\)"):
+        ShapeSize(0.5, 0.2)
+
+
+def test_equal_area_shapes_cover_the_same_area():
+    rng = random.Random(3)
+    areas = {shape: [] for shape in SHAPES}
+    for trial in range(40):
+        shape = SHAPES[trial % 4]
+        image = draw_shape_image(rng, shape, "red", 200, 200, "white", ShapeSize(0.3, 0.3, equal_area=True))
+        areas[shape].append(len(_shape_pixels(image, BACKGROUNDS["white"])))
+    circle = math.pi * 30**2  # a circle 30% of 200 px across
+    assert all(abs(sum(a) / len(a) / circle - 1) < 0.05 for a in areas.values()), areas
