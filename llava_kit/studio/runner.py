@@ -402,7 +402,8 @@ def wait_for_job(store: Store, job_id: str, statuses: tuple[str, ...] = FINISHED
 # ---------------------------------------------------------------------------------------------- logs and metrics
 
 def tail(path: str | Path, lines: int = 200, max_bytes: int = 256 * 1024) -> list[str]:
-    """The last `lines` lines of a text file (read from its end: logs grow long), [] when it does not exist."""
+    """The last `lines` lines of a text file as a terminal shows them (a progress bar redrawn with \r is one line, at
+    its latest state; read from the file's end: logs grow long), [] when it does not exist."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -411,11 +412,12 @@ def tail(path: str | Path, lines: int = 200, max_bytes: int = 256 * 1024) -> lis
             data = f.read()
     except OSError:
         return []
-    text = data.decode("utf-8", errors="replace").replace("\r", "\n")  # progress bars redraw with \r
     kept = []
-    for line in text.split("\n"):
-        if line.strip() and (not kept or line != kept[-1]):  # a bar redrawn unchanged is one line
-            kept.append(line)
+    for raw in data.decode("utf-8", errors="replace").split("\n"):
+        # a progress bar redraws its line after \r: show the line as a terminal would, at its last drawing
+        drawn = [part for part in raw.split("\r") if part.strip()]
+        if drawn:
+            kept.append(drawn[-1])
     return kept[-lines:]
 
 

@@ -243,3 +243,13 @@ def test_failure_reason_prefers_llava_kits_message(tmp_path):
     log.write_text("INFO x\nllava-kit merge: error: RUN_DIR 'r' does not exist\n")
     assert failure_reason(log, 2) == "llava-kit merge: error: RUN_DIR 'r' does not exist"
     assert json.loads(json.dumps(failure_reason(tmp_path / "missing", None)))  # no log: still a reason
+
+
+def test_a_log_tail_shows_each_progress_bar_once_at_its_latest_state(tmp_path):
+    from llava_kit.studio.runner import tail
+
+    log = tmp_path / "job.log"
+    log.write_text("loading\nsft:  10%|#  | 1/10\rsft:  50%|##### | 5/10\rsft: 100%|##########| 10/10\n"
+                   "{'loss': 0.5}\n\neval:  20%|##  | 1/5\reval:  40%|####  | 2/5")
+    assert tail(log) == ["loading", "sft: 100%|##########| 10/10", "{'loss': 0.5}", "eval:  40%|####  | 2/5"]
+    assert tail(log, 2) == ["{'loss': 0.5}", "eval:  40%|####  | 2/5"] and tail(tmp_path / "none.log") == []
