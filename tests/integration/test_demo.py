@@ -82,3 +82,18 @@ def test_wide_demo_runs_at_anyres(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "data" / "eval.jsonl").read_text().splitlines()]
     assert all(max(r["width"], r["height"]) >= 1.98 * min(r["width"], r["height"]) for r in records)
     assert (tmp_path / "warmup_data" / "pretrain.json").is_file()
+
+
+@pytest.mark.slow
+def test_small_shapes_demo_runs_at_anyres(tmp_path):
+    """`llava-kit demo --task small --quick`: small equal-area shapes on large canvases, read by AnyRes at 4x4 tiles."""
+    result = run_cli("demo", "--workdir", str(tmp_path), "--quick", "--task", "small")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("accuracy: ")
+    from llava_kit.config import load_config
+
+    sft = load_config(tmp_path / "configs" / "sft.yaml")
+    assert sft.model.vision.image_strategy == "anyres" and sft.model.vision.grid_pinpoints == "anyres_max_16"
+    records = [json.loads(line) for line in (tmp_path / "data" / "eval.jsonl").read_text().splitlines()]
+    assert all(256 <= min(r["width"], r["height"]) and max(r["width"], r["height"]) <= 320 for r in records)
+    assert (tmp_path / "warmup_data" / "pretrain.json").is_file()  # the tower warms up on the demo's own images
