@@ -71,6 +71,15 @@ def _existing(path: str, what: str, kind: str = "path", hint: str = "") -> str:
     return path
 
 
+def _existing_model(name: str) -> str:
+    """`name` when it is a model directory; a `scheme:name` model name (tiny:llm) is resolved first, as the loader
+    resolves it (llava_kit/model/sources.py). PathNotFoundError naming it otherwise."""
+    from llava_kit.model.sources import resolve_model_path
+
+    _existing(resolve_model_path(name), "--model", "directory", MODEL_DIR_HINT)
+    return name
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from llava_kit.config import load_config
     from llava_kit.train.engine import train
@@ -110,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("give the model(s) to serve (--model DIR), or --studio [DIR] to train models and serve them")
     models = parse_models(args.model, settings.model_name) if args.model else []
     for _, path in models:
-        _existing(path, "--model", "directory", MODEL_DIR_HINT)
+        _existing_model(path)
     mount_webui = None
     if settings.webui:
         try:
@@ -153,7 +162,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
     settings = parse_arguments(ServerSettings, args)
     models = parse_models(args.model)
     for _, path in models:
-        _existing(path, "--model", "directory", MODEL_DIR_HINT)
+        _existing_model(path)
     try:
         from llava_kit.webui import mount_webui
     except ImportError as err:
@@ -247,7 +256,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)  # checked before the model loads
-    _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+    _existing_model(args.model)
     if args.image:
         _existing(args.image, "--image", "file")
     session = ChatSession.from_loaded(open_model_dir(args.model, trust_remote_code=args.trust_remote_code), params)
@@ -264,7 +273,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("give the model to score: --model DIR (any model directory) or --base-url URL (an "
                          "OpenAI-compatible endpoint, e.g. `llava-kit serve`)")
     if args.model is not None:
-        _existing(args.model, "--model", "directory", MODEL_DIR_HINT)
+        _existing_model(args.model)
     _existing(args.data, "--data", hint="give the benchmark's local file (or folder)")
     if args.image_root is not None:
         _existing(args.image_root, "--image-root", "directory", "give the directory the image files are in")

@@ -149,7 +149,7 @@ def tiny_model_path(name: str) -> str:
 
     What `tiny:vision` / `tiny:llm` resolve to (llava_kit.model.sources)."""
     if name not in ("vision", "llm"):
-        raise ModelLoadError(f"unknown tiny model {TINY_PREFIX}{name!r}; use tiny:vision or tiny:llm")
+        raise ModelLoadError(f"unknown tiny model {TINY_PREFIX + name!r}; use tiny:vision or tiny:llm")
     home = tiny_home()
     target = home / name
     if not (target / "config.json").is_file():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -139,10 +140,15 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
     check_optimizer_available(cfg.train.optim)
     run_dir = Path(cfg.output_dir)
     resume = resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
-    prepare_run_dir(run_dir, cfg.train.resume_from_checkpoint, overwrite)
+    # Launched as several processes (torchrun, accelerate, deepspeed), rank 0 alone checks, cleans and writes the
+    # directory: another rank checking after rank 0 wrote config.yaml would take this run for an earlier one.
+    first = int(os.environ.get("RANK", "0")) == 0
+    if first:
+        prepare_run_dir(run_dir, cfg.train.resume_from_checkpoint, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    if first:
+        remove_stale_staging(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.seed)
     gpu = on_gpu(cfg)
     precision = choose_precision(cfg.train.precision, gpu)

@@ -94,3 +94,11 @@ def test_a_bug_keeps_its_traceback_and_exits_1(monkeypatch):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "ValueError: an internal bug" in result.stderr
+
+
+def test_chat_takes_a_tiny_model_name_as_the_loader_does(capsys):
+    """`--model tiny:llm` (a random baseline the text-sft test compares against) resolves before the existence check."""
+    assert main(["chat", "--model", "tiny:llm", "--prompt", "Who are you?", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["chat", "--model", "tiny:nothing", "--prompt", "Who are you?"]) == 2
+    assert "unknown tiny model 'tiny:nothing'" in capsys.readouterr().err
