@@ -470,6 +470,11 @@ def metrics_event(entry: dict, total_steps: int | None) -> tuple[str, dict]:
         data = {"step": step, "total_steps": total_steps, "train_loss": entry["loss"],
                 **{k: entry[k] for k in ("learning_rate", "grad_norm", "epoch") if k in entry}}
         return f"Step {step}{of}: training loss={entry['loss']:.4f}", data
+    if entry.get("final_weights") == "best":  # train.keep_best (llava_kit/train/engine.py: final_weights)
+        return (f"Final weights: the best checkpoint, {entry.get('checkpoint')} at step {step} (eval loss "
+                f"{entry.get('eval_loss', float('nan')):.4f})"), dict(entry)
+    if entry.get("final_weights") == "last":
+        return f"Final weights: the last step's ({step})", dict(entry)
     if "train_runtime" in entry:
         mean = f", mean loss {entry['train_loss']:.4f}" if "train_loss" in entry else ""
         return f"Training finished: {step} steps in {entry['train_runtime']:.1f} s{mean}", {"step": step, **entry}

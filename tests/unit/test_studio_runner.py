@@ -253,3 +253,14 @@ def test_a_log_tail_shows_each_progress_bar_once_at_its_latest_state(tmp_path):
                    "{'loss': 0.5}\n\neval:  20%|##  | 1/5\reval:  40%|####  | 2/5")
     assert tail(log) == ["loading", "sft: 100%|##########| 10/10", "{'loss': 0.5}", "eval:  40%|####  | 2/5"]
     assert tail(log, 2) == ["{'loss': 0.5}", "eval:  40%|####  | 2/5"] and tail(tmp_path / "none.log") == []
+
+
+def test_metrics_entries_become_events_worded_for_people():
+    from llava_kit.studio.runner import metrics_event
+
+    assert metrics_event({"loss": 5.80114, "step": 1, "learning_rate": 1e-3}, 4)[0] == "Step 1/4: training loss=5.8011"
+    assert metrics_event({"train_runtime": 3.25, "train_loss": 5.5, "step": 4}, 4)[0] == \
+        "Training finished: 4 steps in 3.2 s, mean loss 5.5000"
+    assert metrics_event({"final_weights": "last", "step": 4}, 4)[0] == "Final weights: the last step's (4)"
+    assert metrics_event({"final_weights": "best", "checkpoint": "checkpoint-2", "step": 2, "eval_loss": 0.5}, 4)[0] \
+        == "Final weights: the best checkpoint, checkpoint-2 at step 2 (eval loss 0.5000)"
