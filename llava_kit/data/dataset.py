@@ -102,6 +102,16 @@ def reject(report: DataReport, bad: BadRecord, policy: str) -> None:
     report.skipped.append(bad)
 
 
+def reject_unencodable(report: DataReport, source: str, record_id, err: ValueError, policy: str) -> None:
+    """A record (or pair) that failed to encode: an over-long one is skipped and its length kept for the report's
+    length summary; any other reason (an image, a template, an encode error) goes through the bad-record policy."""
+    if isinstance(err, EncodeError) and err.kind == OVERLONG:
+        report.lengths.append(err.length)
+        report.skipped.append(BadRecord(source, record_id, str(err), OVERLONG))
+    else:
+        reject(report, BadRecord(source, record_id, str(err), getattr(err, "kind", "")), policy)
+
+
 def suggest_max_seq_len(lengths: list[int], keep: float = 0.99) -> tuple[int, float]:
     """The max_seq_len (a multiple of 128) that keeps at least `keep` of `lengths`, and the fraction it keeps."""
     ordered = sorted(lengths)
@@ -200,15 +210,8 @@ def prepare_examples(samples: list[Sample], settings: EncodeSettings, image_root
                 paths.append(images[image][0])
                 sizes.append(images[image][1])
             enc = encode_sample(sample.messages, len(sample.images), sample.tools, settings, sizes)
-        except EncodeError as err:
-            if err.kind == OVERLONG:
-                report.lengths.append(err.length)
-                report.skipped.append(BadRecord(sample.source, sample.id, str(err), OVERLONG))
-            else:
-                reject(report, BadRecord(sample.source, sample.id, str(err), err.kind), bad_records)
-            continue
-        except ValueError as err:  # ImageLoadError, TemplateError: a user-data problem of this record
-            reject(report, BadRecord(sample.source, sample.id, str(err), getattr(err, "kind", "")), bad_records)
+        except ValueError as err:  # EncodeError, ImageLoadError, TemplateError: a user-data problem of this record
+            reject_unencodable(report, sample.source, sample.id, err, bad_records)
             continue
         report.lengths.append(enc.length)
         report.truncated += enc.truncated

@@ -28,6 +28,7 @@ from llava_kit.data.dataset import (
     check_lengths,
     no_usable_records,
     reject,
+    reject_unencodable,
 )
 from llava_kit.data.encode import NO_IMAGE_TOKEN, OVERLONG, EncodeError, EncodeSettings, encode_sample
 from llava_kit.data.images import ImageLoadError
@@ -102,15 +103,8 @@ def prepare_pairs(pairs: list[PreferencePair], settings: EncodeSettings, image_r
                     raise images[image]
                 paths.append(images[image])
             example, length = encode_pair(pair, settings)
-        except EncodeError as err:
-            if err.kind == OVERLONG:
-                report.lengths.append(err.length)
-                report.skipped.append(BadRecord(pair.source, pair.id, str(err), OVERLONG))
-            else:
-                reject(report, BadRecord(pair.source, pair.id, str(err), err.kind), bad_records)
-            continue
-        except ValueError as err:  # ImageLoadError, TemplateError: a user-data problem of this pair
-            reject(report, BadRecord(pair.source, pair.id, str(err), getattr(err, "kind", "")), bad_records)
+        except ValueError as err:  # EncodeError, ImageLoadError, TemplateError: a user-data problem of this pair
+            reject_unencodable(report, pair.source, pair.id, err, bad_records)
             continue
         example.image_paths = paths
         report.lengths.append(length)

@@ -90,17 +90,19 @@ class DemoRecipe:
         """A few steps of everything: checks the pipeline end to end in about a minute (accuracy stays low)."""
         return cls(n_train=96, n_eval=8, warmup_steps=10, text_pt_steps=5, pretrain_steps=5, sft_steps=10)
 
+    def shortened(self) -> DemoRecipe:
+        """This recipe with `quick()`'s data sizes and step counts (its task, models and strategy kept)."""
+        quick = asdict(DemoRecipe.quick())
+        return dataclasses.replace(self, **{k: quick[k] for k in ("n_train", "n_eval", "warmup_steps",
+                                                                  "text_pt_steps", "pretrain_steps", "sft_steps")})
+
     @classmethod
     def wide(cls, quick: bool = False) -> DemoRecipe:
         """`llava-kit demo --task wide`: shapes on canvases 2:1 to 3:1, read by AnyRes (the image's tiles on a 32 px
         tower) through the 2x2-pooling avgpool projector; docs/high-resolution.md has the measurements."""
         recipe = cls(n_train=3000, n_eval=100, aspect=(2.0, 3.0), projector="avgpool", image_strategy="anyres",
                      grid_pinpoints="anyres_max_3", sft_steps=600)
-        if quick:
-            recipe = dataclasses.replace(recipe, **{k: v for k, v in asdict(cls.quick()).items()
-                                                    if k in ("n_train", "n_eval", "warmup_steps", "text_pt_steps",
-                                                             "pretrain_steps", "sft_steps")})
-        return recipe
+        return recipe.shortened() if quick else recipe
 
     @classmethod
     def small(cls, quick: bool = False) -> DemoRecipe:
@@ -111,11 +113,7 @@ class DemoRecipe:
         recipe = cls(n_train=3000, n_eval=100, min_side=256, max_side=320, size_fraction=(0.06, 0.10),
                      equal_area=True, projector="avgpool", image_strategy="anyres", grid_pinpoints="anyres_max_16",
                      sft_steps=1500, sft_lr=2e-3, sft_projector_lr=2e-3)
-        if quick:
-            recipe = dataclasses.replace(recipe, **{k: v for k, v in asdict(cls.quick()).items()
-                                                    if k in ("n_train", "n_eval", "warmup_steps", "text_pt_steps",
-                                                             "pretrain_steps", "sft_steps")})
-        return recipe
+        return recipe.shortened() if quick else recipe
 
     def vision_settings(self) -> dict:
         """The model.vision keys of the image strategy (none for the fixed one: the configs stay as they were)."""

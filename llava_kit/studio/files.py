@@ -18,6 +18,7 @@ import re
 import shutil
 import stat
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -107,10 +108,7 @@ def inspect_data(path: str | Path, image_root: str | Path | None = None, fmt: st
         return _inspect_pairs(path, root, fmt)
     report = check_records([str(path)], fmt, None, root)
     samples = read_data([str(path)], fmt).samples
-    formats: dict[str, int] = {}
-    for counts in report.formats.values():
-        for name, count in counts.items():
-            formats[name] = formats.get(name, 0) + count
+    formats = _summed_formats(report.formats)
     preview = [{"source": s.source, "images": [_short(i) for i in s.images],
                 "messages": [{"role": m["role"], "content": m["content"]} for m in s.messages]}
                for s in samples[:PREVIEW_RECORDS]]
@@ -125,16 +123,21 @@ def _inspect_pairs(path: Path, image_root: str, fmt: str) -> DataSummary:
 
     report = check_pairs([str(path)], fmt, "dpo", image_root)
     pairs = read_pairs([str(path)], fmt, "dpo").pairs
-    formats: dict[str, int] = {}
-    for counts in report.formats.values():
-        for name, count in counts.items():
-            formats[name] = formats.get(name, 0) + count
+    formats = _summed_formats(report.formats)
     preview = [{"source": p.source, "images": [_short(i) for i in p.images],
                 "messages": [{"role": m["role"], "content": m["content"]} for m in p.prompt],
                 "chosen": p.chosen["content"], "rejected": p.rejected["content"]}
                for p in pairs[:PREVIEW_RECORDS]]
     return DataSummary("preference", report.total, report.kept, formats, sum(bool(p.images) for p in pairs),
                        [f"{b.source}: {b.reason}" for b in report.skipped], preview)
+
+
+def _summed_formats(per_file: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Records read per format, summed over the files (a report counts them per file)."""
+    formats: Counter = Counter()
+    for counts in per_file.values():
+        formats.update(counts)
+    return dict(formats)
 
 
 def _looks_like_pairs(path: Path) -> bool:
