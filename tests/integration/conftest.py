@@ -93,3 +93,44 @@ def eval_models(tmp_path_factory):
                                                                           "train.learning_rate": 1e-6})))
     merged = merge_run(run, root / "merged")
     return {"run": Path(run), "merged": Path(merged), "export": Path(export_model(merged, root / "export"))}
+
+
+# ---------------------------------------------------------------------------------------------- a real browser
+
+def _browser_or_skip() -> str:
+    """The system chromium's path; skips with the reason where there is none (fails where browser tests are
+    required: LLAVA_KIT_BROWSER_TESTS=required, as CI sets it)."""
+    from scripts import screenshots as driver
+
+    reason = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reason = "playwright is not installed (the dev extra: ./scripts/install.sh)"
+    chromium = driver.find_chromium()
+    if reason is None and chromium is None:
+        reason = "no chromium (./scripts/install_browser.sh installs it with apt; or set LLAVA_KIT_CHROMIUM)"
+    if reason is not None:
+        if os.environ.get("LLAVA_KIT_BROWSER_TESTS") == "required":
+            pytest.fail(f"browser tests are required here but {reason}")
+        pytest.skip(reason)
+    return chromium
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    return _browser_or_skip()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path):
+    """A headless chromium driven by Playwright (scripts/screenshots.py launches it), one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    from scripts import screenshots as driver
+
+    with sync_playwright() as playwright:
+        browser = driver.launch(playwright, chromium_path)
+        yield browser
+        browser.close()

@@ -12,24 +12,8 @@ from llava_kit.studio.api import studio_router
 from llava_kit.studio.models import serve_fine_tuned_models
 from llava_kit.studio.settings import StudioSettings
 from scripts import screenshots as driver
-from tests.integration.test_webui_browser import _browser_or_skip
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def chromium_path() -> str:
-    return _browser_or_skip()
-
-
-@pytest.fixture(scope="module")
-def browser(chromium_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = driver.launch(playwright, chromium_path)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ reason, or fail where LLAVA_KIT_BROWSER_TESTS=required (CI).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -27,28 +26,6 @@ SHAPES = Path(__file__).resolve().parents[2] / "assets" / "shapes_small"
 IMAGE = SHAPES / "images" / "eval" / "000001.png"
 QUESTIONS = ["What shape is in the image?", "What color is the shape?"]
 MAX_NEW_TOKENS = 16
-
-
-def _browser_or_skip() -> str:
-    reason = None
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        reason = "playwright is not installed (the dev extra: ./scripts/install.sh)"
-    chromium = driver.find_chromium()
-    if reason is None and chromium is None:
-        reason = "no chromium (./scripts/install_browser.sh installs it with apt; or set LLAVA_KIT_CHROMIUM)"
-    if reason is not None:
-        if os.environ.get("LLAVA_KIT_BROWSER_TESTS") == "required":
-            pytest.fail(f"browser tests are required here but {reason}")
-        pytest.skip(reason)
-    return chromium
-
-
-@pytest.fixture(scope="module")
-def chromium_path() -> str:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    return _browser_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +52,6 @@ def page_url(chromium_path, services):
     server, url = serve_page(services, ServerSettings(max_new_tokens=MAX_NEW_TOKENS))
     yield url
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser(chromium_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = driver.launch(playwright, chromium_path)
-        yield browser
-        browser.close()
 
 
 def expected(service: GenerationService, turns: list[tuple[str, str | None]]) -> str:

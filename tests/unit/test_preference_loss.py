@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from llava_kit.config import PREFERENCE_FORMATS, PreferenceConfig, config_from_dict
+from llava_kit.config import PREFERENCE_FORMATS, PreferenceConfig
 from llava_kit.data.readers.preference import PREFERENCE_READERS, read_pair, read_pairs
 from llava_kit.errors import ConfigError, RecordError
 from llava_kit.train.preference import preference_loss
+from tests.support import unchecked_config
 
 # Two pairs. Summed answer log-probs of the policy and the reference, and the answers' token counts.
 CHOSEN, REJECTED = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
@@ -160,17 +161,8 @@ def test_the_registry_and_the_format_names_agree():
     assert set(PREFERENCE_READERS) == set(PREFERENCE_FORMATS)
 
 
-def _cfg(stage="dpo", **sections):
-    data = {"stage": stage, "output_dir": "out",
-            "model": {"vision": {"name_or_path": "tiny:vision"}, "llm": {"name_or_path": "tiny:llm"}},
-            "data": {"path": "p.json", "image_root": ".", "template": "chatml"}}
-    for key, value in sections.items():
-        node = data
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return config_from_dict(data, check_paths=False)
+def _cfg(stage="dpo", **keys):
+    return unchecked_config(stage, **keys)
 
 
 def test_dpo_defaults_lora_on_the_llm_and_a_frozen_projector():

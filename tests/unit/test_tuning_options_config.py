@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from llava_kit.config import OPTIMIZERS, config_from_dict
+from llava_kit.config import OPTIMIZERS
 from llava_kit.errors import ConfigError
+from tests.support import unchecked_config
 
 
 def _cfg(stage="sft", **keys):
-    data = {"stage": stage, "output_dir": "out",
-            "model": {"vision": {"name_or_path": "tiny:vision"}, "llm": {"name_or_path": "tiny:llm"}},
-            "data": {"path": "p.json", "image_root": ".", "template": "chatml"}}
-    for key, value in keys.items():
-        node = data
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return config_from_dict(data, check_paths=False)
+    return unchecked_config(stage, **keys)
 
 
 def test_optimizer_names_are_transformers_own():
