@@ -7,7 +7,7 @@ Draws a fresh shapes dataset (1,600 training and 400 held-out canvases by defaul
 tower as each strategy sees it (fixed: the canvas squashed into the tower's input; AnyRes: the base view and its
 tiles), pools the patch features over every view and token (max or mean) and fits a logistic-regression probe of the
 shape. A third probe reads the tokens as the LLM does, in the simplest form: the patch map of every view pooled 2x2
-(the avgpool projector's tokens), learned queries with a softmax over the tokens, and a linear read of what they
+(the avgpool projector's tokens, average or max), learned queries with a softmax over the tokens, and a linear read of what they
 gather. Printed: held-out shape accuracy per strategy and pooling (chance 0.25). A high max-pooled accuracy with a
 low mean-pooled one says the shape is in a few tokens of many: what the LLM's attention then has to find; the
 attention probe says how well a softmax-weighted mean can find and read it (docs/high-resolution.md).
@@ -33,15 +33,16 @@ from llava_kit.model.vision import build_vision_tower
 
 
 def encode(tower, anyres: AnyRes, data: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Pooled features {strategy-pooling: [n, width]}, the 2x2-pooled tokens of every view {fixed-tokens,
-    anyres-tokens: [n, tokens, width]} (zero-padded to the longest canvas) and shape labels [n] of one split."""
+    """Pooled features {strategy-pooling: [n, width]}, the 2x2-pooled tokens of every view {strategy-{avg,max}2x2-tokens:
+    [n, tokens, width]} (zero-padded to the longest canvas) and shape labels [n] of one split."""
     if split == "eval":
         records = {r["image"]: r["shape"] for r in map(json.loads, Path(data["eval"]).read_text().splitlines())}
     else:
         records = {r["image"]: next(s for s in SHAPES if f" {s} " in r["conversations"][1]["value"])
                    for r in json.loads(Path(data["pretrain"]).read_text())}
-    features: dict[str, list[torch.Tensor]] = {"fixed-max": [], "fixed-mean": [], "anyres-max": [], "anyres-mean": [],
-                                               "fixed-tokens": [], "anyres-tokens": []}
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in (
+        "fixed-max", "fixed-mean", "anyres-max", "anyres-mean",
+        "fixed-avg2x2-tokens", "anyres-avg2x2-tokens", "fixed-max2x2-tokens", "anyres-max2x2-tokens")}
     for image_path in tqdm(records, desc=f"probe: {split}", unit="img"):
         views = anyres.views(Image.open(Path(data["images"]) / image_path).convert("RGB"))
         with torch.no_grad():
@@ -51,10 +52,11 @@ def encode(tower, anyres: AnyRes, data: dict, split: str) -> tuple[dict[str, tor
         features["anyres-max"].append(tokens.amax((0, 1)))
         features["anyres-mean"].append(tokens.mean((0, 1)))
         side = math.isqrt(tokens.shape[1])
-        pooled = F.avg_pool2d(tokens.transpose(1, 2).reshape(len(tokens), -1, side, side), 2)  # [views, width, s/2, s/2]
-        pooled = pooled.flatten(2).transpose(1, 2)  # [views, tokens per view, width]
-        features["fixed-tokens"].append(pooled[0])
-        features["anyres-tokens"].append(pooled.reshape(-1, pooled.shape[-1]))
+        patch_map = tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)  # [views, width, side, side]
+        for mode, pool in (("avg", F.avg_pool2d), ("max", F.max_pool2d)):  # the avgpool projector's two modes
+            pooled = pool(patch_map, 2).flatten(2).transpose(1, 2)  # [views, tokens per view, width]
+            features[f"fixed-{mode}2x2-tokens"].append(pooled[0])
+            features[f"anyres-{mode}2x2-tokens"].append(pooled.reshape(-1, pooled.shape[-1]))
     labels = torch.tensor([SHAPES.index(shape) for shape in records.values()])
     return {name: pad_sequence(rows, batch_first=True) if name.endswith("tokens") else torch.stack(rows)
             for name, rows in features.items()}, labels
@@ -131,8 +133,8 @@ def main() -> None:
     print("held-out shape accuracy of each probe (chance 0.25):")
     for name in train:
         probe = attention_probe_accuracy if name.endswith("tokens") else probe_accuracy
-        label = name.replace("tokens", "attention")
-        print(f"  {label:17s} {probe(train[name], train_labels, test[name], test_labels):.3f}")
+        label = name.replace("-tokens", ": attention")
+        print(f"  {label:29s} {probe(train[name], train_labels, test[name], test_labels):.3f}")
 
 
 if __name__ == "__main__":

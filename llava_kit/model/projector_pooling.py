@@ -2,7 +2,7 @@
 
     identity        no parameters; vision_width must equal llm_width (a test and ablation baseline)
     pooler          LLaVA-NeXT `pooler_projector.py`: Conv2d k2 s2 -> GELU -> Linear          tokens N/4
-    avgpool         LLaVA-OneVision `get_2dPool`: average pooling (2x2, or to a target grid) + mlp2x_gelu
+    avgpool         LLaVA-OneVision `get_2dPool`: average (or max) pooling (2x2, or to a target grid) + mlp2x_gelu
     pixel_shuffle   InternVL 1.5/2 `pixel_shuffle` (ps_version v2) + `mlp1` (LN -> Linear -> GELU -> Linear)
     patch_merger    Qwen2-VL `PatchMerger`: LN -> concat each 2x2 block -> Linear -> GELU -> Linear
 
@@ -67,14 +67,21 @@ class AvgPoolProjector(Projector):
 
     The pooled grid is `output_grid` x `output_grid` when set, else ceil(rows / stride) x ceil(cols / stride)
     (LLaVA-OneVision rounds up on odd grids too); adaptive pooling covers every patch, odd sides included.
-    Parameters: C*d + d + d*d + d.
+    `mode` is OneVision's `mm_spatial_pool_mode`: "average" (the default) or "max", which keeps a feature that
+    only a few patches hold (a small object's outline) at its full strength instead of averaging it with the
+    background. Parameters: C*d + d + d*d + d.
     """
 
+    POOL_MODES = {"average": F.adaptive_avg_pool2d, "max": F.adaptive_max_pool2d}
+
     def __init__(self, vision_width: int, llm_width: int, grid: Sequence[int], has_cls: bool = False,
-                 stride: int = 2, output_grid: int | None = None):
+                 stride: int = 2, output_grid: int | None = None, mode: str = "average"):
         super().__init__(vision_width, llm_width, grid, has_cls)
         self.refuse_cls()
         check_positive_int("stride", stride)
+        if mode not in self.POOL_MODES:
+            raise ProjectorError(f"mode must be one of {', '.join(self.POOL_MODES)}, got {mode!r}")
+        self.pool = self.POOL_MODES[mode]
         rows, cols = self.grid
         if output_grid is None:
             self.output_grid = (math.ceil(rows / stride), math.ceil(cols / stride))
@@ -90,7 +97,7 @@ class AvgPoolProjector(Projector):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         feature_map = self.patch_grid(features)  # [batch, C, rows, cols]
-        pooled = grid_tokens(F.adaptive_avg_pool2d(feature_map, self.output_grid))  # [batch, tokens_out, C]
+        pooled = grid_tokens(self.pool(feature_map, self.output_grid))  # [batch, tokens_out, C]
         return self.mlp(pooled)  # [batch, tokens_out, d]
 
 

@@ -351,6 +351,22 @@ def test_pixel_shuffle_is_internvl_v2_order():
             assert torch.equal(merged[:, i * (cols // 2) + j], torch.cat(block, dim=1))
 
 
+def test_avgpool_max_mode_keeps_a_feature_one_patch_holds():
+    """OneVision's mm_spatial_pool_mode max: a 2x2 block's token is its patches' maximum, so one patch's feature
+    reaches the MLP at full strength where average pooling quarters it."""
+    features = torch.zeros(1, 16, ZC)  # a 4x4 patch map, row-major
+    features[0, 5, 3] = 8.0  # row 1, column 1: inside the top-left 2x2 block
+    average, maximum = _zoo("avgpool", grid=(4, 4)), _zoo("avgpool", grid=(4, 4), mode="max")
+    maximum.load_state_dict(average.state_dict())  # the same MLP: only the pooling differs
+    first_layer = {}
+    for name, projector in (("average", average), ("max", maximum)):
+        projector.mlp[0].register_forward_hook(lambda module, inputs, output, name=name: first_layer.update(
+            {name: inputs[0]}))
+        assert projector(features).shape == (1, 4, ZD)
+    assert first_layer["max"][0, 0, 3] == 8.0 and first_layer["average"][0, 0, 3] == 2.0
+    assert first_layer["max"][0, 1:].abs().sum() == 0 and first_layer["average"][0, 1:].abs().sum() == 0
+
+
 def test_zoo_options():
     assert _zoo("avgpool", output_grid=4).num_output_tokens == 16
     assert _zoo("avgpool", stride=3).num_output_tokens == 36  # ceil(16 / 3) = 6
@@ -374,6 +390,7 @@ def test_zoo_options():
     ("ldpv2", {"output_grid": 17}, "output_grid=17 is larger than the input grid"),
     ("tokenpacker", {"num_feature_layers": 3}, "vision_width=16 is not num_feature_layers=3 layers"),
     ("avgpool", {"stride": 1.5}, "stride must be a positive integer, got 1.5"),
+    ("avgpool", {"mode": "median"}, "mode must be one of average, max, got 'median'"),
 ])
 def test_zoo_bad_options_are_clear_errors(name, options, message):
     with pytest.raises(ProjectorError, match=re.escape(message)):
