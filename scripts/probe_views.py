@@ -1,4 +1,4 @@
-"""Where a resolution task's information is: linear probes of a frozen tower's features, fixed view against AnyRes views.
+"""Where a resolution task's information is: probes of a frozen tower's features, fixed view against AnyRes views.
 
     .venv/bin/python scripts/probe_views.py --tower runs/compare-small/prepared/models/vision \\
         --min-side 256 --max-side 320 --size 0.06 0.10 --equal-area --grid-pinpoints anyres_max_16
@@ -7,9 +7,9 @@ Draws a fresh shapes dataset (1,600 training and 400 held-out canvases by defaul
 tower as each strategy sees it (fixed: the canvas squashed into the tower's input; AnyRes: the base view and its
 tiles), pools the patch features over every view and token (max or mean) and fits a logistic-regression probe of the
 shape. A third probe reads the tokens as the LLM does, in the simplest form: the patch map of every view pooled 2x2
-(the avgpool projector's tokens, average or max), learned queries with a softmax over the tokens, and a linear read of what they
-gather. Printed: held-out shape accuracy per strategy and pooling (chance 0.25). A high max-pooled accuracy with a
-low mean-pooled one says the shape is in a few tokens of many: what the LLM's attention then has to find; the
+(the avgpool projector's tokens, average or max), learned queries with a softmax over the tokens, and a linear read of
+what they gather. Printed: held-out shape accuracy per strategy and pooling (chance 0.25). A high max-pooled accuracy
+with a low mean-pooled one says the shape is in a few tokens of many: what the LLM's attention then has to find; the
 attention probe says how well a softmax-weighted mean can find and read it (docs/high-resolution.md).
 """
 
@@ -29,12 +29,14 @@ from tqdm import tqdm
 
 from llava_kit.demo.shapes import SHAPES, ShapeSize, write_shapes_dataset
 from llava_kit.model.anyres import AnyRes
+from llava_kit.model.projector_pooling import AvgPoolProjector
 from llava_kit.model.vision import build_vision_tower
 
 
 def encode(tower, anyres: AnyRes, data: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Pooled features {strategy-pooling: [n, width]}, the 2x2-pooled tokens of every view {strategy-{avg,max}2x2-tokens:
-    [n, tokens, width]} (zero-padded to the longest canvas) and shape labels [n] of one split."""
+    """Pooled features {strategy-pooling: [n, width]}, the 2x2-pooled tokens of every view
+    {strategy-{average,max}2x2-tokens: [n, tokens, width]} (zero-padded to the longest canvas) and shape labels [n]
+    of one split."""
     if split == "eval":
         records = {r["image"]: r["shape"] for r in map(json.loads, Path(data["eval"]).read_text().splitlines())}
     else:
@@ -42,7 +44,7 @@ def encode(tower, anyres: AnyRes, data: dict, split: str) -> tuple[dict[str, tor
                    for r in json.loads(Path(data["pretrain"]).read_text())}
     features: dict[str, list[torch.Tensor]] = {name: [] for name in (
         "fixed-max", "fixed-mean", "anyres-max", "anyres-mean",
-        "fixed-avg2x2-tokens", "anyres-avg2x2-tokens", "fixed-max2x2-tokens", "anyres-max2x2-tokens")}
+        *(f"{strategy}-{mode}2x2-tokens" for mode in AvgPoolProjector.POOL_MODES for strategy in ("fixed", "anyres")))}
     for image_path in tqdm(records, desc=f"probe: {split}", unit="img"):
         views = anyres.views(Image.open(Path(data["images"]) / image_path).convert("RGB"))
         with torch.no_grad():
@@ -53,8 +55,8 @@ def encode(tower, anyres: AnyRes, data: dict, split: str) -> tuple[dict[str, tor
         features["anyres-mean"].append(tokens.mean((0, 1)))
         side = math.isqrt(tokens.shape[1])
         patch_map = tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)  # [views, width, side, side]
-        for mode, pool in (("avg", F.avg_pool2d), ("max", F.max_pool2d)):  # the avgpool projector's two modes
-            pooled = pool(patch_map, 2).flatten(2).transpose(1, 2)  # [views, tokens per view, width]
+        for mode, pool in AvgPoolProjector.POOL_MODES.items():  # the avgpool projector's own pooling, stride 2
+            pooled = pool(patch_map, math.ceil(side / 2)).flatten(2).transpose(1, 2)  # [views, tokens per view, width]
             features[f"fixed-{mode}2x2-tokens"].append(pooled[0])
             features[f"anyres-{mode}2x2-tokens"].append(pooled.reshape(-1, pooled.shape[-1]))
     labels = torch.tensor([SHAPES.index(shape) for shape in records.values()])
