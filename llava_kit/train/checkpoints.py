@@ -191,6 +191,17 @@ def remove_stale_staging(run_dir: str | Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+SETUP_FILES = ("config.yaml", "data_report.json", "eval_data_report.json")
+"""What a run writes before training starts (`forget_setup` takes them back when set-up is refused)."""
+
+
+def forget_setup(run_dir: Path) -> None:
+    """Remove what a run wrote before training started, after its set-up was refused (a user error in the model or
+    data): the corrected run may then use the same output_dir without --overwrite."""
+    for name in SETUP_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
 def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     """Refuse a run directory that already holds a run, unless resuming it or told to overwrite it.
 
