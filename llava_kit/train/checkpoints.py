@@ -192,27 +192,26 @@ def remove_stale_staging(run_dir: str | Path) -> None:
 
 
 SETUP_FILES = ("config.yaml", "data_report.json", "eval_data_report.json")
-"""What a run writes before training starts (`forget_setup` takes them back when set-up is refused)."""
-
-
-def forget_setup(run_dir: Path) -> None:
-    """Remove what a run wrote before training started, after its set-up was refused (a user error in the model or
-    data): the corrected run may then use the same output_dir without --overwrite."""
-    for name in SETUP_FILES:
-        (Path(run_dir) / name).unlink(missing_ok=True)
+"""What a run writes before training starts: alone in a directory, they are a run refused in its set-up (a user error
+in the model or data), which the corrected run replaces without --overwrite."""
 
 
 def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     """Refuse a run directory that already holds a run, unless resuming it or told to overwrite it.
 
-    `overwrite` removes what a run leaves (RUN_FILES and checkpoints), logging each; other files stay.
+    `overwrite` removes what a run leaves (RUN_FILES and checkpoints), logging each; other files stay. A directory
+    holding only a refused run's set-up (SETUP_FILES: nothing trained) is replaced as if told to overwrite it.
     """
     if not run_dir.is_dir():
         return
     previous = [p for p in run_dir.iterdir() if p.name in RUN_FILES or CHECKPOINT.match(p.name)]
     if not previous or resume:
         return
-    if not overwrite:
+    if all(p.name in SETUP_FILES for p in previous):  # nothing trained: the set-up of a refused run, kept for reading
+        logger.info("output_dir %s holds only the set-up of a run that did not start (%s): replacing it", run_dir,
+                    ", ".join(sorted(p.name for p in previous)))
+        overwrite = True
+    elif not overwrite:
         names = ", ".join(sorted(p.name for p in previous)[:6])
         raise LlavaKitError(f"output_dir {run_dir} already holds a run ({names}); choose a new output_dir, resume it "
                             "with train.resume_from_checkpoint=latest, or pass --overwrite to replace it")

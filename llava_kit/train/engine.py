@@ -23,17 +23,11 @@ from llava_kit.config import OPTIMIZER_NEEDS, PREFERENCE_STAGES, RunConfig, save
 from llava_kit.data.dataset import Collator
 from llava_kit.data.packing import PackedCollator
 from llava_kit.data.preference import PreferenceCollator
-from llava_kit.errors import ConfigError, LlavaKitError
+from llava_kit.errors import ConfigError
 from llava_kit.modality import EVAL_DATA_REPORT, modality_for_stage
 from llava_kit.model.trainable import check_qlora_available
 from llava_kit.train.benchmark_probe import BenchmarkProbe
-from llava_kit.train.checkpoints import (
-    check_checkpoint,
-    forget_setup,
-    latest_checkpoint,
-    prepare_run_dir,
-    remove_stale_staging,
-)
+from llava_kit.train.checkpoints import check_checkpoint, latest_checkpoint, prepare_run_dir, remove_stale_staging
 from llava_kit.train.plots import plot_loss
 from llava_kit.train.preference import PreferenceTrainer
 from llava_kit.train.progress import RunProgress
@@ -137,9 +131,24 @@ def final_weights(trainer: LlavaTrainer) -> dict:
     return final
 
 
-def _set_up(cfg: RunConfig, run_dir: Path) -> tuple:
-    """Build one stage's model and tokenizer, its datasets (their reports written in `run_dir`) and its trainer;
-    returns (modality, model, tokenizer, trainer)."""
+def train(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Run one stage described by a validated config; returns the run directory.
+
+    A directory that already holds a run is refused unless the config resumes it or `overwrite` replaces it."""
+    if cfg.model.trainable.llm == "qlora":
+        check_qlora_available()  # before anything is written or loaded
+    check_optimizer_available(cfg.train.optim)
+    run_dir = Path(cfg.output_dir)
+    resume = resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
+    # Launched as several processes (torchrun, accelerate, deepspeed), rank 0 alone checks, cleans and writes the
+    # directory: another rank checking after rank 0 wrote config.yaml would take this run for an earlier one.
+    first = int(os.environ.get("RANK", "0")) == 0
+    if first:
+        prepare_run_dir(run_dir, cfg.train.resume_from_checkpoint, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if first:
+        remove_stale_staging(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.seed)
     gpu = on_gpu(cfg)
     precision = choose_precision(cfg.train.precision, gpu)
@@ -176,33 +185,6 @@ def _set_up(cfg: RunConfig, run_dir: Path) -> tuple:
         projector_learning_rate=cfg.train.projector_learning_rate, group_by_length=cfg.train.group_by_length,
         benchmark_probe=probe, loraplus_lr_ratio=cfg.model.lora.loraplus_lr_ratio, **extra,
         callbacks=[RunProgress(run_dir)])  # metrics.jsonl and progress.json as the run goes (the studio watches them)
-    return modality, model, tokenizer, trainer
-
-
-def train(cfg: RunConfig, overwrite: bool = False) -> Path:
-    """Run one stage described by a validated config; returns the run directory.
-
-    A directory that already holds a run is refused unless the config resumes it or `overwrite` replaces it."""
-    if cfg.model.trainable.llm == "qlora":
-        check_qlora_available()  # before anything is written or loaded
-    check_optimizer_available(cfg.train.optim)
-    run_dir = Path(cfg.output_dir)
-    resume = resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
-    # Launched as several processes (torchrun, accelerate, deepspeed), rank 0 alone checks, cleans and writes the
-    # directory: another rank checking after rank 0 wrote config.yaml would take this run for an earlier one.
-    first = int(os.environ.get("RANK", "0")) == 0
-    if first:
-        prepare_run_dir(run_dir, cfg.train.resume_from_checkpoint, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if first:
-        remove_stale_staging(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
-    try:
-        modality, model, tokenizer, trainer = _set_up(cfg, run_dir)
-    except LlavaKitError:
-        if first and not resume:  # nothing trained: the directory holds no run, as before this call
-            forget_setup(run_dir)
-        raise
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = final_weights(trainer)
 

@@ -116,13 +116,13 @@ def test_an_occupied_run_directory_is_refused_unless_resumed_or_overwritten(fini
 
 
 def test_a_run_refused_in_set_up_leaves_the_directory_free_for_the_corrected_one(make_config):
-    """A user error found while building the model (here a projector option) stops the run before training; the
-    config.yaml it had written is taken back, so the corrected run may use the same output_dir without --overwrite."""
+    """A user error found while building the model (here a projector option) stops the run before training; what it
+    wrote (config.yaml) holds no trained run, so the corrected run may use the same output_dir without --overwrite."""
     bad = make_config("refused", **{"model.projector.name": "avgpool", "model.projector.options": {"mode": "median"}},
                       **SETTINGS)
     with pytest.raises(LlavaKitError, match="mode must be one of average, max, got 'median'"):
         engine.train(bad)
     run_dir = engine.Path(bad.output_dir)
-    assert not (run_dir / "config.yaml").exists()
+    assert (run_dir / "config.yaml").is_file()
     good = make_config("refused", **{"model.projector.name": "avgpool"}, **{**SETTINGS, "train.max_steps": 1})
     assert engine.train(good) == run_dir and (run_dir / "projector.safetensors").is_file()
